@@ -1,0 +1,81 @@
+//! The command line (DESIGN §2). Only commands that exist are defined here:
+//! what is not built is not in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "ehc-agent", version, about = "WeChat electronic health card agent: scanners in, verified identities to HIS, every use reported to the open platform")]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration: print every problem (exit 2) or a summary (exit 0).
+    Check(ConfigArg),
+    /// Show how a request envelope is signed: the raw string (secret redacted) and the sign.
+    ///
+    /// The tool for result code 21006: compare its raw string with your own.
+    Sign(SignArgs),
+    /// Run the platform simulator (for HIS vendors, tests and outage rehearsals).
+    Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Configuration file (default: $EHC_AGENT_CONFIG, /etc/ehc-agent/agent.toml, then the user config dir).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// File holding the app secret (default: the one named in the configuration).
+    #[arg(long)]
+    pub app_secret_file: Option<PathBuf>,
+    /// Configuration file, used only to find the app secret.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Request envelope {"commonIn":..,"req":..}; standard input if absent.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8900")]
+    pub listen: SocketAddr,
+    /// Simulator configuration (TOML; see docs/simulator.md). Without it: the built-in demo identity and cards.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub action: Option<SimAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SimAction {
+    /// Ask a running simulator for a fresh dynamic code and print it.
+    Mint {
+        /// The running simulator's address.
+        #[arg(long, default_value = "127.0.0.1:8900")]
+        at: SocketAddr,
+        /// Which card (index in the simulator's card list).
+        #[arg(long, default_value_t = 0)]
+        card: usize,
+        /// Lifetime in seconds (default: the simulator's).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Print the simulator's cards and their static codes.
+    Cards {
+        #[arg(long, default_value = "127.0.0.1:8900")]
+        at: SocketAddr,
+    },
+}

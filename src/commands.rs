@@ -1,0 +1,209 @@
+//! One function per subcommand, each returning the process exit status.
+//! `main` stays thin; everything here is callable from tests.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+use crate::cli::{Cli, Command, SignArgs, SimAction, SimArgs};
+use crate::config::{self, ConfigError, Env};
+use crate::platform::sign;
+
+/// Exit status for bad usage or an invalid configuration (DESIGN §2).
+pub const EXIT_USAGE: u8 = 2;
+
+/// Human-readable logs on stderr; `RUST_LOG` overrides `-v`.
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check(a) => Ok(check(a.config.as_deref(), &Env::from_process())),
+        Command::Sign(a) => sign_cmd(a),
+        Command::Sim(a) => sim_cmd(a),
+    }
+}
+
+/// `ehc-agent check`: every problem and exit 2, or the summary and exit 0.
+pub fn check(explicit: Option<&Path>, env: &Env) -> ExitCode {
+    match config::load(explicit, env) {
+        Ok(c) => {
+            print!("{}", c.summary());
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e @ ConfigError::Invalid { .. }) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("ehc-agent: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// `ehc-agent sign`: the raw sign string with the secret shown as
+/// `<secret>`, the computed sign, and whether it matches the envelope's own.
+fn sign_cmd(a: SignArgs) -> anyhow::Result<ExitCode> {
+    let text = match &a.file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        None => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
+            s
+        }
+    };
+    let secret = match (&a.app_secret_file, &a.config) {
+        (Some(f), _) => read_secret(f)?,
+        (None, explicit) => {
+            let c = config::load(explicit.as_deref(), &Env::from_process())
+                .context("no --app-secret-file given, and the configuration could not supply the secret")?;
+            c.app_secret.expose().to_owned()
+        }
+    };
+    let out = sign_report(&text, &secret)?;
+    print!("{}", out.text);
+    Ok(if out.matches == Some(false) { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn read_secret(f: &Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(f).with_context(|| format!("reading app secret {}", f.display()))?;
+    let s = s.trim().to_owned();
+    if s.is_empty() {
+        bail!("app secret file {} is empty", f.display());
+    }
+    Ok(s)
+}
+
+/// What `sign` prints, computed without I/O so tests can check it.
+pub struct SignReport {
+    pub text: String,
+    /// Whether the envelope's own `sign` matched, when it had one.
+    pub matches: Option<bool>,
+}
+
+pub fn sign_report(envelope: &str, secret: &str) -> anyhow::Result<SignReport> {
+    let v: Value = serde_json::from_str(envelope).context("the request is not JSON")?;
+    let Some(top) = v.as_object() else {
+        bail!("the request is not a JSON object");
+    };
+    let Some(common) = top.get("commonIn").and_then(Value::as_object) else {
+        bail!("the request has no commonIn object");
+    };
+    let req = match top.get("req") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => bail!("req is not a JSON object"),
+    };
+    let raw = sign::raw_string(common, req);
+    let computed = sign::sign_raw(&raw, secret);
+    let given = common.get("sign").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let mut text = format!("raw:  {raw}<secret>\nsign: {computed}\n");
+    let matches = given.map(|g| g == computed);
+    match given {
+        Some(g) if g == computed => text.push_str("the request's own sign matches\n"),
+        Some(g) => text.push_str(&format!(
+            "the request's own sign differs: {g}\n(check the secret, field order, empty values and number formatting against the raw string above)\n"
+        )),
+        None => {}
+    }
+    Ok(SignReport { text, matches })
+}
+
+fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match a.action {
+            None => {
+                let cfg = match &a.config {
+                    Some(p) => match crate::sim::SimConfig::load(p) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("ehc-agent sim: {e}");
+                            return Ok(ExitCode::from(EXIT_USAGE));
+                        }
+                    },
+                    None => crate::sim::SimConfig::default(),
+                };
+                crate::sim::run_forever(cfg, a.listen).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(SimAction::Mint { at, card, ttl }) => {
+                let body = serde_json::json!({"card": card, "ttlS": ttl});
+                let v = control_call(at, "POST", "/_sim/mint", Some(body)).await?;
+                println!("{}", v.get("qrCodeText").and_then(Value::as_str).unwrap_or_default());
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(SimAction::Cards { at }) => {
+                let v = control_call(at, "GET", "/_sim/cards", None).await?;
+                for c in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {}",
+                        c.get("index").and_then(Value::as_u64).unwrap_or_default(),
+                        c.get("staticCode").and_then(Value::as_str).unwrap_or_default()
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn control_call(at: std::net::SocketAddr, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let url = format!("http://{at}{path}");
+    let req = match method {
+        "POST" => client.post(&url).body(body.unwrap_or(Value::Null).to_string()).header("content-type", "application/json"),
+        _ => client.get(&url),
+    };
+    let resp = req.send().await.with_context(|| format!("no simulator answering at {at}"))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("simulator answered {status}: {text}");
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Where a path given relative to the working directory ends up, for messages.
+pub fn display_path(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_report_on_reference_example() {
+        let env = r#"{"commonIn":{"appToken":"","requestId":"DB4D975748A84309977EA25224C0F5CF","hospitalId":"90003","timestamp":"1525392000","sign":""},"req":{"appId":"a1a2e0bde41574ad8ea9a4bb58022oop"}}"#;
+        let r = sign_report(env, "8c8e763f443ef983ac33aef1c7085cfb").unwrap();
+        assert!(r.text.contains("sign: TsccMUMTHfOiEovR2hMlRXcQqctRFmPbpPIZdxXCJ/o="), "{}", r.text);
+        assert!(r.text.contains("timestamp=1525392000<secret>"));
+        assert!(!r.text.contains("8c8e763f"));
+        assert_eq!(r.matches, None);
+        let wrong = env.replace("\"sign\":\"\"", "\"sign\":\"abc\"");
+        assert_eq!(sign_report(&wrong, "8c8e763f443ef983ac33aef1c7085cfb").unwrap().matches, Some(false));
+        assert!(sign_report("[1]", "s").is_err());
+        assert!(sign_report("{\"req\":{}}", "s").is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The open platform client: signs, sends, parses, classifies, and keeps the
+//! app token (see [`super::token`] for why that needs care).
+//!
+//! Two kinds of callers use it with different patience ([`Urgency`]): the
+//! scan path, where a person stands at the window (short timeout, from
+//! `platform.timeout_ms`), and the outbox uploader, where nobody waits (longer
+//! timeout). The outbox passes its own `requestId` so every retry of a row
+//! carries the same one, and 10054 on a retry means "already have it".
+//!
+//! The client assumes nothing about who answers: the real platform, the
+//! simulator, or a hospital gateway (DESIGN §5a) all speak the same protocol.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng as _;
+use serde_json::{Map, Value};
+
+use super::api::{self, Api, GetAppToken, ResponseError, MAX_BODY};
+use super::error::{classify, Class};
+use super::sign;
+use super::token::{Identity, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL};
+use crate::clock;
+use crate::config::{Config, Secret};
+
+/// How long a call may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// A person is waiting: `platform.timeout_ms`.
+    Scan,
+    /// Background upload: `platform.upload_timeout_ms`.
+    Upload,
+}
+
+/// Per-call options.
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    pub urgency: Urgency,
+    /// Reuse this requestId (the outbox's own); `None` makes a fresh one.
+    pub request_id: Option<String>,
+}
+
+impl CallOptions {
+    pub fn scan() -> Self {
+        CallOptions {
+            urgency: Urgency::Scan,
+            request_id: None,
+        }
+    }
+    pub fn upload(request_id: impl Into<String>) -> Self {
+        CallOptions {
+            urgency: Urgency::Upload,
+            request_id: Some(request_id.into()),
+        }
+    }
+}
+
+/// Why a call did not succeed. [`CallError::class`] tells the caller what to
+/// do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach the platform: {0}")]
+    Unreachable(String),
+    #[error("the platform did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("the platform answered HTTP {0}")]
+    Http(u16),
+    #[error("unusable platform response: {0}")]
+    Response(#[from] ResponseError),
+    #[error("platform result code {code}: {msg}")]
+    Platform { code: i64, msg: String },
+    #[error("token refreshed less than {MIN_REFRESH_INTERVAL} s ago and rejected again (code {code}); is another agent using the same appId?")]
+    TokenChurn { code: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CallError {
+    /// The DESIGN §5 class of this failure.
+    pub fn class(&self) -> Class {
+        match self {
+            CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Response(_) => Class::Retry,
+            CallError::Http(s) if *s >= 500 || *s == 408 || *s == 429 => Class::Retry,
+            // Any other HTTP status means the address is wrong (404 from a
+            // proxy, 403 from a firewall page): the operator must act.
+            CallError::Http(_) => Class::Configuration,
+            CallError::Platform { code, .. } => classify(*code),
+            CallError::TokenChurn { .. } => Class::Token,
+            // Our own state file failing is not the platform's fault; retry.
+            CallError::Store(_) => Class::Retry,
+        }
+    }
+
+    /// The platform's result code, when it answered with one.
+    pub fn result_code(&self) -> Option<i64> {
+        match self {
+            CallError::Platform { code, .. } | CallError::TokenChurn { code } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True when the platform could not be reached or gave no usable answer:
+    /// the scan path's offline policy applies.
+    pub fn is_unavailable(&self) -> bool {
+        self.class() == Class::Retry && !matches!(self, CallError::Platform { .. })
+    }
+}
+
+/// What the client needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub base_url: String,
+    pub app_id: String,
+    pub hospital_id: String,
+    pub secret: Secret,
+    pub scan_timeout: Duration,
+    pub upload_timeout: Duration,
+    pub proxy: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// `None`: keep the token in memory only.
+    pub state_path: Option<PathBuf>,
+}
+
+impl ClientSettings {
+    pub fn from_config(c: &Config) -> Self {
+        ClientSettings {
+            base_url: c.platform.base_url.clone(),
+            app_id: c.platform.app_id.clone(),
+            hospital_id: c.platform.hospital_id.clone(),
+            secret: c.app_secret.clone(),
+            scan_timeout: Duration::from_millis(c.platform.timeout_ms),
+            upload_timeout: Duration::from_millis(c.platform.upload_timeout_ms),
+            proxy: c.platform.proxy.clone(),
+            ca_file: c.platform.ca_file.clone(),
+            state_path: Some(c.state_path.clone()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("proxy `{0}`: {1}")]
+    Proxy(String, String),
+    #[error("CA file {0}: {1}")]
+    Ca(PathBuf, String),
+    #[error("HTTP client: {0}")]
+    Http(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Counters a status screen or metrics can read.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub token_fetches: AtomicI64,
+    pub last_token_at: AtomicI64,
+}
+
+/// A cheap-to-clone handle.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: String,
+    settings: ClientSettings,
+    tokens: TokenStore,
+    refresh: tokio::sync::Mutex<()>,
+    stats: ClientStats,
+}
+
+/// A fresh `requestId`: 32 upper-case hex characters.
+pub fn new_request_id() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// Is this a well-formed requestId of ours?
+pub fn is_request_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+impl Client {
+    pub fn new(settings: ClientSettings) -> Result<Self, BuildError> {
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("ehc-agent/", env!("CARGO_PKG_VERSION")))
+            // Per-call timeouts are applied around each call; this bounds a
+            // connect attempt so an unreachable platform fails fast.
+            .connect_timeout(settings.scan_timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60));
+        match &settings.proxy {
+            Some(p) => {
+                let proxy = reqwest::Proxy::all(p).map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
+                b = b.proxy(proxy);
+            }
+            // Only the configured proxy is used: a stray http_proxy in the
+            // service environment must not reroute patients' data.
+            None => b = b.no_proxy(),
+        }
+        if let Some(ca) = &settings.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))? {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let http = b.build().map_err(|e| BuildError::Http(e.to_string()))?;
+        let tokens = TokenStore::open(
+            settings.state_path.as_deref(),
+            Identity {
+                base_url: settings.base_url.clone(),
+                app_id: settings.app_id.clone(),
+                hospital_id: settings.hospital_id.clone(),
+            },
+        )?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                base: settings.base_url.trim_end_matches('/').to_owned(),
+                settings,
+                tokens,
+                refresh: tokio::sync::Mutex::new(()),
+                stats: ClientStats::default(),
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.inner.stats
+    }
+
+    /// The token the client holds now, if any.
+    pub fn token(&self) -> Option<Token> {
+        self.inner.tokens.current()
+    }
+
+    fn timeout(&self, u: Urgency) -> Duration {
+        match u {
+            Urgency::Scan => self.inner.settings.scan_timeout,
+            Urgency::Upload => self.inner.settings.upload_timeout,
+        }
+    }
+
+    /// Call API `A`. On 21003/21004 the token is refreshed (single flight)
+    /// and the call retried once.
+    pub async fn call<A: Api>(&self, req: &A::Req, opts: CallOptions) -> Result<A::Rsp, CallError> {
+        let timeout = self.timeout(opts.urgency);
+        let caller_id = opts.request_id.is_some();
+        let request_id = opts.request_id.unwrap_or_else(new_request_id);
+        let token = self.valid_token(timeout).await?;
+        match self.send::<A>(req, &request_id, &token.value, timeout).await {
+            Err(e) if e.class() == Class::Token => {
+                let code = e.result_code().unwrap_or_default();
+                let fresh = self.refresh(token.generation, timeout, code).await?;
+                // A caller's own requestId is kept (the outbox relies on it);
+                // a throwaway one is renewed in case the platform's replay
+                // guard remembered the rejected attempt.
+                let retry_id = if caller_id { request_id } else { new_request_id() };
+                self.send::<A>(req, &retry_id, &fresh.value, timeout).await
+            }
+            other => other,
+        }
+    }
+
+    /// A token fresh enough to use, fetching one if needed.
+    async fn valid_token(&self, timeout: Duration) -> Result<Token, CallError> {
+        let now = clock::now_unix();
+        match self.inner.tokens.current() {
+            Some(t) if t.fresh_at(now) => Ok(t),
+            Some(t) => self.refresh(t.generation, timeout, 21003).await,
+            None => self.refresh(0, timeout, 21001).await,
+        }
+    }
+
+    /// Single-flight refresh of generation `seen`: if the current token is
+    /// already newer than `seen` and fresh, it is returned without a call.
+    async fn refresh(&self, seen: u64, timeout: Duration, code: i64) -> Result<Token, CallError> {
+        let _guard = self.inner.refresh.lock().await;
+        let now = clock::now_unix();
+        if let Some(t) = self.inner.tokens.current() {
+            if t.generation > seen && t.fresh_at(now) {
+                return Ok(t);
+            }
+            if t.generation == seen && seen > 0 && now - t.obtained_at < MIN_REFRESH_INTERVAL && t.fresh_at(now) {
+                tracing::warn!(code, "app token rejected right after a refresh; not refreshing again yet");
+                return Err(CallError::TokenChurn { code });
+            }
+        }
+        let req = api::AppTokenReq {
+            app_id: self.inner.settings.app_id.clone(),
+        };
+        let rsp = self.send::<GetAppToken>(&req, &new_request_id(), "", timeout).await?;
+        let tok = self.inner.tokens.install(rsp.app_token, rsp.expires_in, clock::now_unix())?;
+        self.inner.stats.token_fetches.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.last_token_at.store(tok.obtained_at, Ordering::Relaxed);
+        tracing::info!(generation = tok.generation, expires_in = rsp.expires_in, "obtained a new app token");
+        Ok(tok)
+    }
+
+    /// One signed POST, with the body read up to [`MAX_BODY`].
+    async fn send<A: Api>(&self, req: &A::Req, request_id: &str, token: &str, timeout: Duration) -> Result<A::Rsp, CallError> {
+        let body = self.envelope::<A>(req, request_id, token);
+        let url = format!("{}{}", self.inner.base, A::PATH);
+        let started = std::time::Instant::now();
+        let fut = async {
+            let resp = self
+                .inner
+                .http
+                .post(&url)
+                .header("content-type", "application/json; charset=utf-8")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| transport_error(&e))?;
+            let status = resp.status();
+            let bytes = read_capped(resp).await?;
+            if !status.is_success() {
+                return Err(CallError::Http(status.as_u16()));
+            }
+            Ok(bytes)
+        };
+        let bytes = match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout(timeout.as_millis() as u64)),
+        };
+        let result = bytes.and_then(|b| {
+            let answer = api::parse_response::<A>(&b)?;
+            match answer.rsp {
+                Some(rsp) => Ok(rsp),
+                None => Err(CallError::Platform {
+                    code: answer.common_out.result_code,
+                    msg: answer.common_out.err_msg,
+                }),
+            }
+        });
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(_) => tracing::debug!(api = A::NAME, request_id, elapsed_ms, "platform call ok"),
+            Err(e) => tracing::debug!(api = A::NAME, request_id, elapsed_ms, class = %e.class(), error = %e, "platform call failed"),
+        }
+        result
+    }
+
+    /// The signed JSON envelope for a request.
+    fn envelope<A: Api>(&self, req: &A::Req, request_id: &str, token: &str) -> Vec<u8> {
+        let s = &self.inner.settings;
+        let req = match serde_json::to_value(req) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        let mut common = Map::new();
+        common.insert("appToken".into(), token.into());
+        common.insert("requestId".into(), request_id.into());
+        common.insert("hospitalId".into(), s.hospital_id.clone().into());
+        common.insert("timestamp".into(), clock::now_unix().to_string().into());
+        let signature = sign::sign(&common, Some(&req), s.secret.expose());
+        common.insert("sign".into(), signature.into());
+        let mut top = Map::new();
+        top.insert("commonIn".into(), Value::Object(common));
+        top.insert("req".into(), Value::Object(req));
+        serde_json::to_vec(&Value::Object(top)).unwrap_or_default()
+    }
+}
+
+/// Read a body, refusing to buffer more than [`MAX_BODY`].
+async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, CallError> {
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ResponseError::TooLarge.into());
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(&e))? {
+        if buf.len() + chunk.len() > MAX_BODY {
+            return Err(ResponseError::TooLarge.into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause;
+/// the operator needs the chain ("connection refused").
+fn transport_error(e: &reqwest::Error) -> CallError {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    CallError::Unreachable(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let a = new_request_id();
+        assert!(is_request_id(&a), "{a}");
+        assert_ne!(a, new_request_id());
+        assert!(!is_request_id("db4d975748a84309977ea25224c0f5cf"));
+        assert!(!is_request_id("DB4D"));
+    }
+
+    #[test]
+    fn classes_of_transport_errors() {
+        assert_eq!(CallError::Http(502).class(), Class::Retry);
+        assert_eq!(CallError::Http(404).class(), Class::Configuration);
+        assert_eq!(CallError::Timeout(3000).class(), Class::Retry);
+        assert!(CallError::Timeout(1).is_unavailable());
+        let p = CallError::Platform { code: -1, msg: String::new() };
+        assert_eq!(p.class(), Class::Retry);
+        assert!(!p.is_unavailable());
+        assert_eq!(CallError::Platform { code: 21006, msg: String::new() }.class(), Class::Configuration);
+    }
+}

@@ -1,0 +1,14 @@
+//! Everything about talking to the health card open platform: signing
+//! ([`sign`]), the typed API ([`api`]), result codes and their classes
+//! ([`error`]), the code tables ([`tables`]), the app token ([`token`]) and
+//! the HTTP client ([`client`]).
+
+pub mod api;
+pub mod client;
+pub mod error;
+pub mod sign;
+pub mod tables;
+pub mod token;
+
+pub use client::{CallError, CallOptions, Client, ClientSettings, Urgency};
+pub use error::Class;
