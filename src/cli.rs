@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ehc-agent", version, about = "WeChat electronic health card agent: scanners in, verified identities to HIS, every use reported to the open platform")]
+#[command(
+    name = "ehc-agent",
+    version,
+    about = "WeChat electronic health card agent: scanners in, verified identities to HIS, every use reported to the open platform"
+)]
 pub struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

@@ -6,7 +6,9 @@
 //! A fixed offset, not the machine's time zone: counter PCs are often set to
 //! UTC or to nothing at all, and the platform does not care what they think.
 
-use time::{format_description::BorrowedFormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+use time::{
+    format_description::BorrowedFormatItem, macros::format_description, OffsetDateTime, UtcOffset,
+};
 
 /// The platform's `time` format.
 pub const PLATFORM_TIME: &[BorrowedFormatItem<'static>] =
@@ -83,7 +85,10 @@ mod tests {
     fn formats_beijing_time() {
         // 1525392000 = 2018-05-04 00:00:00 UTC = 08:00 in Beijing.
         assert_eq!(platform_time(1_525_392_000, BEIJING), "2018-05-04 08:00:00");
-        assert_eq!(parse_platform_time("2018-05-04 08:00:00", BEIJING), Some(1_525_392_000));
+        assert_eq!(
+            parse_platform_time("2018-05-04 08:00:00", BEIJING),
+            Some(1_525_392_000)
+        );
         assert_eq!(parse_platform_time("2018-05-04T08:00:00", BEIJING), None);
         assert_eq!(parse_platform_time("2018-5-4 08:00:00", BEIJING), None);
     }
@@ -102,8 +107,21 @@ mod tests {
     fn offsets() {
         assert_eq!(parse_offset("+08:00"), Some(BEIJING));
         assert_eq!(parse_offset("+0800"), Some(BEIJING));
-        assert_eq!(parse_offset("-05:30").unwrap().whole_seconds(), -(5 * 3600 + 30 * 60));
-        for bad in ["08:00", "+8:00", "+24:00", "+08:60", "+14:30", "", "+", "+ab:cd", "+08:00:00"] {
+        assert_eq!(
+            parse_offset("-05:30").unwrap().whole_seconds(),
+            -(5 * 3600 + 30 * 60)
+        );
+        for bad in [
+            "08:00",
+            "+8:00",
+            "+24:00",
+            "+08:60",
+            "+14:30",
+            "",
+            "+",
+            "+ab:cd",
+            "+08:00:00",
+        ] {
             assert_eq!(parse_offset(bad), None, "{bad}");
         }
     }

@@ -189,14 +189,14 @@ mod tests {
     #[test]
     fn others() {
         for t in [
-            "6901234567892",                   // EAN-13 from a drug box
-            "https://example.org/?a=1:1",      // URL with colons
-            "ABC:1",                           // id too short
+            "6901234567892",                    // EAN-13 from a drug box
+            "https://example.org/?a=1:1",       // URL with colons
+            "ABC:1",                            // id too short
             "C7DA29345B6DF90A6F5BBEBD73EB:1:2", // static with extra field
-            "C7DA29345B6DF90A6F5BBEBD73EB:0",  // dynamic without token
+            "C7DA29345B6DF90A6F5BBEBD73EB:0",   // dynamic without token
             "C7DA29345B6DF90A6F5BBEBD73EB:0:",  // empty token
-            "C7DA29345B6DF90A6F5BBEBD73EB：1", // full-width colon
-            "C7DA29345B6DF90A-F5BBEBD73EB:1",  // non-alphanumeric id
+            "C7DA29345B6DF90A6F5BBEBD73EB：1",  // full-width colon
+            "C7DA29345B6DF90A-F5BBEBD73EB:1",   // non-alphanumeric id
         ] {
             assert_eq!(classify(t).unwrap().code, Code::Other, "{t}");
         }

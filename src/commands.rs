@@ -61,28 +61,38 @@ pub fn check(explicit: Option<&Path>, env: &Env) -> ExitCode {
 /// `<secret>`, the computed sign, and whether it matches the envelope's own.
 fn sign_cmd(a: SignArgs) -> anyhow::Result<ExitCode> {
     let text = match &a.file {
-        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         None => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading standard input")?;
             s
         }
     };
     let secret = match (&a.app_secret_file, &a.config) {
         (Some(f), _) => read_secret(f)?,
         (None, explicit) => {
-            let c = config::load(explicit.as_deref(), &Env::from_process())
-                .context("no --app-secret-file given, and the configuration could not supply the secret")?;
+            let c = config::load(explicit.as_deref(), &Env::from_process()).context(
+                "no --app-secret-file given, and the configuration could not supply the secret",
+            )?;
             c.app_secret.expose().to_owned()
         }
     };
     let out = sign_report(&text, &secret)?;
     print!("{}", out.text);
-    Ok(if out.matches == Some(false) { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if out.matches == Some(false) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn read_secret(f: &Path) -> anyhow::Result<String> {
-    let s = std::fs::read_to_string(f).with_context(|| format!("reading app secret {}", f.display()))?;
+    let s = std::fs::read_to_string(f)
+        .with_context(|| format!("reading app secret {}", f.display()))?;
     let s = s.trim().to_owned();
     if s.is_empty() {
         bail!("app secret file {} is empty", f.display());
@@ -112,7 +122,10 @@ pub fn sign_report(envelope: &str, secret: &str) -> anyhow::Result<SignReport> {
     };
     let raw = sign::raw_string(common, req);
     let computed = sign::sign_raw(&raw, secret);
-    let given = common.get("sign").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let given = common
+        .get("sign")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty());
     let mut text = format!("raw:  {raw}<secret>\nsign: {computed}\n");
     let matches = given.map(|g| g == computed);
     match given {
@@ -150,7 +163,12 @@ fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
             Some(SimAction::Mint { at, card, ttl }) => {
                 let body = serde_json::json!({"card": card, "ttlS": ttl});
                 let v = control_call(at, "POST", "/_sim/mint", Some(body)).await?;
-                println!("{}", v.get("qrCodeText").and_then(Value::as_str).unwrap_or_default());
+                println!(
+                    "{}",
+                    v.get("qrCodeText")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Some(SimAction::Cards { at }) => {
@@ -159,7 +177,9 @@ fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
                     println!(
                         "{}  {}",
                         c.get("index").and_then(Value::as_u64).unwrap_or_default(),
-                        c.get("staticCode").and_then(Value::as_str).unwrap_or_default()
+                        c.get("staticCode")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
                     );
                 }
                 Ok(ExitCode::SUCCESS)
@@ -168,14 +188,25 @@ fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn control_call(at: std::net::SocketAddr, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+async fn control_call(
+    at: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let client = reqwest::Client::builder().no_proxy().build()?;
     let url = format!("http://{at}{path}");
     let req = match method {
-        "POST" => client.post(&url).body(body.unwrap_or(Value::Null).to_string()).header("content-type", "application/json"),
+        "POST" => client
+            .post(&url)
+            .body(body.unwrap_or(Value::Null).to_string())
+            .header("content-type", "application/json"),
         _ => client.get(&url),
     };
-    let resp = req.send().await.with_context(|| format!("no simulator answering at {at}"))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("no simulator answering at {at}"))?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {
@@ -197,12 +228,22 @@ mod tests {
     fn sign_report_on_reference_example() {
         let env = r#"{"commonIn":{"appToken":"","requestId":"DB4D975748A84309977EA25224C0F5CF","hospitalId":"90003","timestamp":"1525392000","sign":""},"req":{"appId":"a1a2e0bde41574ad8ea9a4bb58022oop"}}"#;
         let r = sign_report(env, "8c8e763f443ef983ac33aef1c7085cfb").unwrap();
-        assert!(r.text.contains("sign: TsccMUMTHfOiEovR2hMlRXcQqctRFmPbpPIZdxXCJ/o="), "{}", r.text);
+        assert!(
+            r.text
+                .contains("sign: TsccMUMTHfOiEovR2hMlRXcQqctRFmPbpPIZdxXCJ/o="),
+            "{}",
+            r.text
+        );
         assert!(r.text.contains("timestamp=1525392000<secret>"));
         assert!(!r.text.contains("8c8e763f"));
         assert_eq!(r.matches, None);
         let wrong = env.replace("\"sign\":\"\"", "\"sign\":\"abc\"");
-        assert_eq!(sign_report(&wrong, "8c8e763f443ef983ac33aef1c7085cfb").unwrap().matches, Some(false));
+        assert_eq!(
+            sign_report(&wrong, "8c8e763f443ef983ac33aef1c7085cfb")
+                .unwrap()
+                .matches,
+            Some(false)
+        );
         assert!(sign_report("[1]", "s").is_err());
         assert!(sign_report("{\"req\":{}}", "s").is_err());
     }

@@ -369,12 +369,17 @@ impl Env {
         // systemd may pass several colon-separated directories; the first is ours.
         let first = |k: &str| {
             std::env::var_os(k)
-                .and_then(|v| v.to_str().map(|s| s.split(':').next().unwrap_or("").to_owned()))
+                .and_then(|v| {
+                    v.to_str()
+                        .map(|s| s.split(':').next().unwrap_or("").to_owned())
+                })
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from)
         };
         Env {
-            config_var: std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from),
+            config_var: std::env::var_os(ENV_CONFIG)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             state_directory: first("STATE_DIRECTORY"),
             runtime_directory: first("RUNTIME_DIRECTORY"),
             credentials_directory: first("CREDENTIALS_DIRECTORY"),
@@ -433,7 +438,10 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
     let mut doc: toml::Table = match text.parse() {
         Ok(t) => t,
         Err(e) => {
-            v.problem("(file)", format!("not valid TOML: {}", e.to_string().trim()));
+            v.problem(
+                "(file)",
+                format!("not valid TOML: {}", e.to_string().trim()),
+            );
             return Err(v.problems);
         }
     };
@@ -450,7 +458,13 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
     }
 
     // ---- semantic checks, on whatever parsed ----
-    let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
 
     let mut secret = None;
     if let Some(p) = &platform {
@@ -467,10 +481,19 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         if let Some(ca) = &p.ca_file {
             let ca = resolve(ca);
             match std::fs::read(&ca) {
-                Err(e) => v.problem("platform.ca_file", format!("cannot read {}: {e}", ca.display())),
+                Err(e) => v.problem(
+                    "platform.ca_file",
+                    format!("cannot read {}: {e}", ca.display()),
+                ),
                 Ok(pem) => {
-                    if reqwest::Certificate::from_pem_bundle(&pem).map(|c| c.is_empty()).unwrap_or(true) {
-                        v.problem("platform.ca_file", format!("{} holds no PEM certificate", ca.display()));
+                    if reqwest::Certificate::from_pem_bundle(&pem)
+                        .map(|c| c.is_empty())
+                        .unwrap_or(true)
+                    {
+                        v.problem(
+                            "platform.ca_file",
+                            format!("{} holds no PEM certificate", ca.display()),
+                        );
                     }
                 }
             }
@@ -492,7 +515,10 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
             );
         }
         if tables::scene_name(&t.scene).is_none() {
-            v.problem("terminal.scene", format!("`{}` is not a scene code of table 3.3.1", t.scene));
+            v.problem(
+                "terminal.scene",
+                format!("`{}` is not a scene code of table 3.3.1", t.scene),
+            );
         } else if tables::scene_needs_department(&t.scene)
             && t.department.as_deref().is_none_or(|d| d.trim().is_empty())
         {
@@ -515,14 +541,25 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         if s.name.trim().is_empty() {
             v.problem(format!("scanner[{i}].name"), "must not be empty".into());
         } else if !names.insert(s.name.clone()) {
-            v.problem(format!("scanner[{i}].name"), format!("duplicate scanner name `{}`", s.name));
+            v.problem(
+                format!("scanner[{i}].name"),
+                format!("duplicate scanner name `{}`", s.name),
+            );
         }
         v.check_scanner(*i, s);
     }
 
-    let his_tcp = his.listen_tcp.as_deref().and_then(|a| v.loopback("his.listen_tcp", a));
-    let his_ws = his.listen_ws.as_deref().and_then(|a| v.loopback("his.listen_ws", a));
-    let metrics_addr = metrics.as_ref().and_then(|m| v.loopback("metrics.listen", &m.listen));
+    let his_tcp = his
+        .listen_tcp
+        .as_deref()
+        .and_then(|a| v.loopback("his.listen_tcp", a));
+    let his_ws = his
+        .listen_ws
+        .as_deref()
+        .and_then(|a| v.loopback("his.listen_ws", a));
+    let metrics_addr = metrics
+        .as_ref()
+        .and_then(|m| v.loopback("metrics.listen", &m.listen));
     for (i, o) in his.allowed_origins.iter().enumerate() {
         if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
             v.problem(
@@ -569,7 +606,9 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
     if !v.problems.is_empty() {
         return Err(v.problems);
     }
-    let (Some(platform), Some(terminal), Some((secret_source, app_secret))) = (platform, terminal, secret) else {
+    let (Some(platform), Some(terminal), Some((secret_source, app_secret))) =
+        (platform, terminal, secret)
+    else {
         // Unreachable in practice: a missing section or secret is a problem above.
         return Err(vec![Problem {
             key: "(file)".into(),
@@ -610,7 +649,12 @@ impl Validator {
     }
 
     /// Deserialize `doc[name]` into `T`, collecting every unknown key.
-    fn section<T: DeserializeOwned>(&mut self, doc: &mut toml::Table, name: &str, required: bool) -> Option<T> {
+    fn section<T: DeserializeOwned>(
+        &mut self,
+        doc: &mut toml::Table,
+        name: &str,
+        required: bool,
+    ) -> Option<T> {
         match doc.remove(name) {
             None => {
                 if required {
@@ -629,6 +673,7 @@ impl Validator {
     /// Deserialize one table, removing and recording unknown keys until it
     /// parses or fails for another reason.
     fn table<T: DeserializeOwned>(&mut self, mut t: toml::Table, path: &str) -> Option<T> {
+        let mut blamed: Vec<String> = Vec::new();
         loop {
             match T::deserialize(toml::Value::Table(t.clone())) {
                 Ok(v) => return Some(v),
@@ -641,11 +686,31 @@ impl Validator {
                         }
                     }
                     if let Some(key) = missing_field(&msg) {
-                        self.problem(format!("{path}.{key}"), "missing required key".into());
-                    } else {
-                        self.problem(path, msg);
+                        if !blamed.contains(&key) {
+                            self.problem(format!("{path}.{key}"), "missing required key".into());
+                        }
+                        return None;
                     }
-                    return None;
+                    // serde names the wrong value but not its key: find the
+                    // key whose removal makes this error go away, report it
+                    // there, and go on looking for more.
+                    let culprit = t.keys().find(|k| {
+                        let mut without = t.clone();
+                        without.remove(*k);
+                        T::deserialize(toml::Value::Table(without))
+                            .map_or_else(|e| e.message().trim() != msg, |_| true)
+                    });
+                    match culprit.cloned() {
+                        Some(key) => {
+                            t.remove(&key);
+                            self.problem(format!("{path}.{key}"), msg);
+                            blamed.push(key);
+                        }
+                        None => {
+                            self.problem(path, msg);
+                            return None;
+                        }
+                    }
                 }
             }
         }
@@ -721,7 +786,10 @@ impl Validator {
     fn loopback(&mut self, key: &str, addr: &str) -> Option<SocketAddr> {
         match addr.parse::<SocketAddr>() {
             Err(_) => {
-                self.problem(key, format!("`{addr}` is not an address like 127.0.0.1:7410"));
+                self.problem(
+                    key,
+                    format!("`{addr}` is not an address like 127.0.0.1:7410"),
+                );
                 None
             }
             Ok(a) if !a.ip().is_loopback() => {
@@ -766,7 +834,11 @@ impl Validator {
             if mode & 0o044 != 0 {
                 self.problem(
                     key,
-                    format!("{} is readable by group or others (mode {:o}); run `chmod 600` on it", path.display(), mode & 0o777),
+                    format!(
+                        "{} is readable by group or others (mode {:o}); run `chmod 600` on it",
+                        path.display(),
+                        mode & 0o777
+                    ),
                 );
             }
         }
@@ -788,10 +860,16 @@ impl Validator {
         match s.kind {
             ScannerKind::Serial => {
                 if s.path.is_none() {
-                    self.problem(k("path"), "required for a serial scanner (prefer a /dev/serial/by-id/ name)".into());
+                    self.problem(
+                        k("path"),
+                        "required for a serial scanner (prefer a /dev/serial/by-id/ name)".into(),
+                    );
                 }
                 match s.baud {
-                    None => self.problem(k("baud"), "required for a serial scanner (9600 is common)".into()),
+                    None => self.problem(
+                        k("baud"),
+                        "required for a serial scanner (9600 is common)".into(),
+                    ),
                     Some(0) => self.problem(k("baud"), "must be greater than 0".into()),
                     Some(_) => {}
                 }
@@ -803,18 +881,28 @@ impl Validator {
             }
             ScannerKind::Evdev => {
                 if s.path.is_none() {
-                    self.problem(k("path"), "required for an evdev scanner (a /dev/input/by-id/ name)".into());
+                    self.problem(
+                        k("path"),
+                        "required for an evdev scanner (a /dev/input/by-id/ name)".into(),
+                    );
                 }
             }
             ScannerKind::HidPos => {
                 if s.path.is_none() && s.vendor_id.is_none() {
-                    self.problem(k("path"), "a hid-pos scanner needs a hidraw path or a vendor_id".into());
+                    self.problem(
+                        k("path"),
+                        "a hid-pos scanner needs a hidraw path or a vendor_id".into(),
+                    );
                 }
             }
             ScannerKind::Stdin => {}
         }
         if s.terminator == Terminator::None && s.idle_ms == 0 {
-            self.problem(k("idle_ms"), "must be greater than 0 when terminator is \"none\" (it is what ends a scan)".into());
+            self.problem(
+                k("idle_ms"),
+                "must be greater than 0 when terminator is \"none\" (it is what ends a scan)"
+                    .into(),
+            );
         }
     }
 }
@@ -841,36 +929,372 @@ impl Config {
         let mut s = String::new();
         let p = &self.platform;
         let t = &self.terminal;
-        let _ = writeln!(s, "configuration: {}", self.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(text)".into()));
-        let _ = writeln!(s, "platform   {} app_id={} hospital_id={}", p.base_url, p.app_id, p.hospital_id);
-        let _ = writeln!(s, "           secret=<redacted> from {}", self.secret_source.display());
-        let _ = writeln!(s, "           timeouts: scan {} ms, upload {} ms; proxy {}; extra CA {}", p.timeout_ms, p.upload_timeout_ms, p.proxy.as_deref().unwrap_or("none"), p.ca_file.as_deref().map(|c| c.display().to_string()).unwrap_or_else(|| "none".into()));
-        let _ = writeln!(s, "terminal   {} channel {} ({}) scene {} ({}) department {}", t.id, t.channel, tables::channel_name(&t.channel).unwrap_or("?"), t.scene, tables::scene_name(&t.scene).unwrap_or("?"), t.department.as_deref().unwrap_or("-"));
-        let _ = writeln!(s, "           {} {} / {} {}, time at UTC{}", t.hospital_code, t.hospital_name, t.city_code, t.city_name, t.utc_offset);
+        let _ = writeln!(
+            s,
+            "configuration: {}",
+            self.source
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(text)".into())
+        );
+        let _ = writeln!(
+            s,
+            "platform   {} app_id={} hospital_id={}",
+            p.base_url, p.app_id, p.hospital_id
+        );
+        let _ = writeln!(
+            s,
+            "           secret=<redacted> from {}",
+            self.secret_source.display()
+        );
+        let _ = writeln!(
+            s,
+            "           timeouts: scan {} ms, upload {} ms; proxy {}; extra CA {}",
+            p.timeout_ms,
+            p.upload_timeout_ms,
+            p.proxy.as_deref().unwrap_or("none"),
+            p.ca_file
+                .as_deref()
+                .map(|c| c.display().to_string())
+                .unwrap_or_else(|| "none".into())
+        );
+        let _ = writeln!(
+            s,
+            "terminal   {} channel {} ({}) scene {} ({}) department {}",
+            t.id,
+            t.channel,
+            tables::channel_name(&t.channel).unwrap_or("?"),
+            t.scene,
+            tables::scene_name(&t.scene).unwrap_or("?"),
+            t.department.as_deref().unwrap_or("-")
+        );
+        let _ = writeln!(
+            s,
+            "           {} {} / {} {}, time at UTC{}",
+            t.hospital_code, t.hospital_name, t.city_code, t.city_name, t.utc_offset
+        );
         if self.scanners.is_empty() {
             let _ = writeln!(s, "scanners   none (scans only through `ehc-agent scan`)");
         }
         for sc in &self.scanners {
             let dev = match (&sc.path, sc.vendor_id) {
                 (Some(p), _) => p.display().to_string(),
-                (None, Some(v)) => format!("{v:04x}:{}", sc.product_id.map(|p| format!("{p:04x}")).unwrap_or_else(|| "*".into())),
+                (None, Some(v)) => format!(
+                    "{v:04x}:{}",
+                    sc.product_id
+                        .map(|p| format!("{p:04x}"))
+                        .unwrap_or_else(|| "*".into())
+                ),
                 _ => "-".into(),
             };
-            let _ = writeln!(s, "scanner    {} {:?} {}", sc.name, sc.kind, dev);
+            let _ = writeln!(s, "scanner    {} {} {}", sc.name, as_written(&sc.kind), dev);
         }
         let h = &self.his;
-        let _ = writeln!(s, "his        unix {} (group {})", self.his_unix.display(), h.socket_group.as_deref().unwrap_or("-"));
-        let _ = writeln!(s, "           tcp {} ws {} origins [{}]", opt_addr(self.his_tcp), opt_addr(self.his_ws), h.allowed_origins.join(", "));
-        let _ = writeln!(s, "           hold {} s, use wait {} s", h.hold_s, h.use_wait_s);
-        let _ = writeln!(s, "offline    static {:?}, dynamic {:?}", self.offline.static_codes, self.offline.dynamic_codes);
+        let _ = writeln!(
+            s,
+            "his        unix {} (group {})",
+            self.his_unix.display(),
+            h.socket_group.as_deref().unwrap_or("-")
+        );
+        let _ = writeln!(
+            s,
+            "           tcp {} ws {} origins [{}]",
+            opt_addr(self.his_tcp),
+            opt_addr(self.his_ws),
+            h.allowed_origins.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "           hold {} s, use wait {} s",
+            h.hold_s, h.use_wait_s
+        );
+        let _ = writeln!(
+            s,
+            "offline    static codes {}, dynamic codes {}",
+            as_written(&self.offline.static_codes),
+            as_written(&self.offline.dynamic_codes)
+        );
         let o = &self.outbox;
-        let _ = writeln!(s, "outbox     {} batch {} concurrency {} retention {} d report_dynamic {}", self.outbox_path.display(), o.batch, o.concurrency, o.retention_days, o.report_dynamic);
+        let _ = writeln!(
+            s,
+            "outbox     {} batch {} concurrency {} retention {} d report_dynamic {}",
+            self.outbox_path.display(),
+            o.batch,
+            o.concurrency,
+            o.retention_days,
+            o.report_dynamic
+        );
         let _ = writeln!(s, "state      {}", self.state_path.display());
         let _ = writeln!(s, "metrics    {}", opt_addr(self.metrics));
         s
     }
 }
 
+/// An enum value as it is spelled in the file.
+fn as_written<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn opt_addr(a: Option<SocketAddr>) -> String {
     a.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// A temp dir holding an app secret with mode 0600.
+    fn secret_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("app_secret");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        d
+    }
+
+    fn minimal(secret: &Path) -> String {
+        format!(
+            r#"
+[platform]
+base_url = "http://127.0.0.1:8900"
+app_id = "app"
+app_secret_file = "{}"
+hospital_id = "10086"
+[terminal]
+id = "WIN-1"
+department = "内科"
+city_code = "110000"
+city_name = "北京市"
+hospital_code = "01"
+hospital_name = "医院"
+"#,
+            secret.display()
+        )
+    }
+
+    fn keys(problems: &[Problem]) -> Vec<&str> {
+        problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn example_config_passes_with_a_credential() {
+        let d = secret_dir();
+        let env = Env {
+            credentials_directory: Some(d.path().to_owned()),
+            ..Env::default()
+        };
+        let text = include_str!("../config/agent.toml");
+        let c = parse(text, Path::new("/etc/ehc-agent"), &env).unwrap_or_else(|p| panic!("{p:#?}"));
+        assert_eq!(c.app_secret.expose(), "s3cret");
+        assert_eq!(c.secret_source, d.path().join("app_secret"));
+        assert_eq!(c.scanners.len(), 1);
+        assert_eq!(c.his_tcp, Some("127.0.0.1:7410".parse().unwrap()));
+        assert!(!c.summary().contains("s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn minimal_config_and_defaults_follow_systemd_dirs() {
+        let d = secret_dir();
+        let env = Env {
+            state_directory: Some("/var/lib/ehc-agent-test".into()),
+            runtime_directory: Some("/run/ehc-test".into()),
+            ..Env::default()
+        };
+        let c = parse(
+            &minimal(&d.path().join("app_secret")),
+            Path::new("/x"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.outbox_path,
+            Path::new("/var/lib/ehc-agent-test/outbox.sqlite")
+        );
+        assert_eq!(
+            c.state_path,
+            Path::new("/var/lib/ehc-agent-test/state.sqlite")
+        );
+        assert_eq!(c.his_unix, Path::new("/run/ehc-test/his.sock"));
+        assert_eq!(c.platform.timeout_ms, 3000);
+        assert_eq!(c.terminal.channel, "0100");
+        assert_eq!(c.utc_offset, clock::BEIJING);
+        assert_eq!(c.offline.static_codes, StaticOffline::PassUnverified);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("app_secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            r#"
+[platform]
+base_url = "http://platform.example.cn"
+app_id = "app"
+app_secret_file = "{}"
+hospital_id = "10086"
+timeout_ms = 0
+colour = "blue"
+flavour = "x"
+[terminal]
+id = "WIN-1"
+channel = "9999"
+scene = "0101011"
+city_code = "110000"
+city_name = "北京市"
+hospital_code = "01"
+hospital_name = "医院"
+utc_offset = "Beijing"
+[[scanner]]
+name = "a"
+kind = "stdin"
+[[scanner]]
+name = "a"
+kind = "serial"
+[his]
+listen_tcp = "0.0.0.0:7410"
+[outbox]
+batch = 0
+[bogus]
+x = 1
+"#,
+            secret.display()
+        );
+        let problems = parse(&text, d.path(), &Env::default()).unwrap_err();
+        let k = keys(&problems);
+        for want in [
+            "platform.colour",
+            "platform.flavour",
+            "platform.base_url",
+            "platform.timeout_ms",
+            "platform.app_secret_file",
+            "terminal.channel",
+            "terminal.department",
+            "terminal.utc_offset",
+            "scanner[1].name",
+            "scanner[1].path",
+            "scanner[1].baud",
+            "his.listen_tcp",
+            "outbox.batch",
+            "bogus",
+        ] {
+            assert!(k.contains(&want), "missing {want} in {problems:#?}");
+        }
+        let secret_msg = &problems
+            .iter()
+            .find(|p| p.key == "platform.app_secret_file")
+            .unwrap()
+            .message;
+        assert!(
+            secret_msg.contains("readable by group or others"),
+            "{secret_msg}"
+        );
+    }
+
+    #[test]
+    fn missing_and_empty_secret_and_missing_sections() {
+        let d = tempfile::tempdir().unwrap();
+        let p = parse(&minimal(&d.path().join("nope")), d.path(), &Env::default()).unwrap_err();
+        assert_eq!(keys(&p), ["platform.app_secret_file"]);
+        let empty = d.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = parse(&minimal(&empty), d.path(), &Env::default()).unwrap_err();
+        assert!(p[0].message.contains("is empty"), "{p:?}");
+        let p = parse("", d.path(), &Env::default()).unwrap_err();
+        assert_eq!(keys(&p), ["platform", "terminal"]);
+        let p = parse("[platform]\napp_id = \"a\"\n", d.path(), &Env::default()).unwrap_err();
+        assert!(keys(&p).contains(&"platform.base_url"), "{p:?}");
+    }
+
+    #[test]
+    fn syntax_error_is_one_problem() {
+        let p = parse("[platform\nx=", Path::new("."), &Env::default()).unwrap_err();
+        assert_eq!(p.len(), 1);
+        assert!(p[0].message.contains("not valid TOML"));
+    }
+
+    #[test]
+    fn type_errors_name_the_section() {
+        let d = secret_dir();
+        let text = minimal(&d.path().join("app_secret")) + "[outbox]\nbatch = \"many\"\n";
+        let p = parse(&text, d.path(), &Env::default()).unwrap_err();
+        assert_eq!(keys(&p), ["outbox.batch"], "{p:?}");
+        // Two wrong types and a missing required key in one section: all three.
+        let text =
+            "[platform]\nbase_url = 1\napp_id = \"a\"\nhospital_id = [1]\n[terminal]\nid = \"x\"\n";
+        let p = parse(text, d.path(), &Env::default()).unwrap_err();
+        let k = keys(&p);
+        assert!(
+            k.contains(&"platform.base_url") && k.contains(&"platform.hospital_id"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn loopback_rules() {
+        let d = secret_dir();
+        let base = minimal(&d.path().join("app_secret"));
+        for (extra, ok) in [
+            ("[his]\nlisten_tcp = \"[::1]:7410\"\n", true),
+            ("[his]\nlisten_ws = \"192.168.1.5:7411\"\n", false),
+            ("[metrics]\nlisten = \"0.0.0.0:9410\"\n", false),
+            (
+                "[his]\nallowed_origins = [\"https://his.example.cn\"]\n",
+                true,
+            ),
+            ("[his]\nallowed_origins = [\"his.example.cn\"]\n", false),
+        ] {
+            assert_eq!(
+                parse(&(base.clone() + extra), d.path(), &Env::default()).is_ok(),
+                ok,
+                "{extra}"
+            );
+        }
+        for (url, ok) in [
+            ("https://p-healthopen.tengmed.com", true),
+            ("http://localhost:8900", true),
+            ("http://[::1]:8900", true),
+            ("http://10.0.0.1", false),
+            ("ftp://x", false),
+            ("https://p-healthopen.tengmed.com/rest/auth/x", false),
+        ] {
+            let t = base.replace("http://127.0.0.1:8900", url);
+            assert_eq!(parse(&t, d.path(), &Env::default()).is_ok(), ok, "{url}");
+        }
+    }
+
+    #[test]
+    fn discovery_order() {
+        let d = tempfile::tempdir().unwrap();
+        let user = d.path().join("user.toml");
+        let env = Env {
+            config_var: Some("/from/env.toml".into()),
+            user_config: Some(user.clone()),
+            ..Env::default()
+        };
+        assert_eq!(
+            discover(Some(Path::new("/cli.toml")), &env).unwrap(),
+            Path::new("/cli.toml")
+        );
+        assert_eq!(discover(None, &env).unwrap(), Path::new("/from/env.toml"));
+        if !Path::new(SYSTEM_CONFIG).exists() {
+            let env = Env {
+                user_config: Some(user.clone()),
+                ..Env::default()
+            };
+            assert!(matches!(
+                discover(None, &env),
+                Err(ConfigError::NotFound(_))
+            ));
+            std::fs::write(&user, "").unwrap();
+            assert_eq!(discover(None, &env).unwrap(), user);
+        }
+    }
 }

@@ -250,7 +250,8 @@ pub fn parse_response<A: Api>(body: &[u8]) -> Result<Answer<A::Rsp>, ResponseErr
     if body.len() > MAX_BODY {
         return Err(ResponseError::TooLarge);
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| ResponseError::NotJson(e.to_string()))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| ResponseError::NotJson(e.to_string()))?;
     let Value::Object(mut top) = v else {
         return Err(ResponseError::NotObject);
     };
@@ -261,14 +262,22 @@ pub fn parse_response<A: Api>(body: &[u8]) -> Result<Answer<A::Rsp>, ResponseErr
         .get("resultCode")
         .and_then(Value::as_i64)
         .ok_or(ResponseError::BadResultCode)?;
-    let text = |k: &str| co.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let text = |k: &str| {
+        co.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     let common_out = CommonOut {
         request_id: text("requestId"),
         result_code,
         err_msg: text("errMsg"),
     };
     if result_code != 0 {
-        return Ok(Answer { common_out, rsp: None });
+        return Ok(Answer {
+            common_out,
+            rsp: None,
+        });
     }
     let rsp_value = top.remove("rsp").unwrap_or(Value::Null);
     let rsp_value = match rsp_value {
@@ -312,18 +321,28 @@ mod tests {
     #[test]
     fn hostile_bodies_are_typed_errors() {
         use ResponseError::*;
-        let cases: &[(&[u8], fn(&ResponseError) -> bool)] = &[
+        type Case = (&'static [u8], fn(&ResponseError) -> bool);
+        let cases: &[Case] = &[
             (b"<html>502</html>", |e| matches!(e, NotJson(_))),
-            (b"{\"commonOut\":{\"resultCode\":0", |e| matches!(e, NotJson(_))),
+            (b"{\"commonOut\":{\"resultCode\":0", |e| {
+                matches!(e, NotJson(_))
+            }),
             (b"[1,2]", |e| matches!(e, NotObject)),
             (b"{\"rsp\":{}}", |e| matches!(e, MissingCommonOut)),
             (b"{\"commonOut\":\"x\"}", |e| matches!(e, MissingCommonOut)),
-            (b"{\"commonOut\":{\"resultCode\":\"0\"}}", |e| matches!(e, BadResultCode)),
-            (b"{\"commonOut\":{\"resultCode\":1.5}}", |e| matches!(e, BadResultCode)),
-            (b"{\"commonOut\":{\"resultCode\":0},\"rsp\":{\"card\":\"x\"}}", |e| {
+            (b"{\"commonOut\":{\"resultCode\":\"0\"}}", |e| {
+                matches!(e, BadResultCode)
+            }),
+            (b"{\"commonOut\":{\"resultCode\":1.5}}", |e| {
+                matches!(e, BadResultCode)
+            }),
+            (
+                b"{\"commonOut\":{\"resultCode\":0},\"rsp\":{\"card\":\"x\"}}",
+                |e| matches!(e, BadRsp { .. }),
+            ),
+            (b"{\"commonOut\":{\"resultCode\":0},\"rsp\":[]}", |e| {
                 matches!(e, BadRsp { .. })
             }),
-            (b"{\"commonOut\":{\"resultCode\":0},\"rsp\":[]}", |e| matches!(e, BadRsp { .. })),
         ];
         for (body, ok) in cases {
             let err = parse_response::<GetHealthCardByQrCode>(body).unwrap_err();

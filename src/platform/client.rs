@@ -81,7 +81,9 @@ impl CallError {
     /// The DESIGN §5 class of this failure.
     pub fn class(&self) -> Class {
         match self {
-            CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Response(_) => Class::Retry,
+            CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Response(_) => {
+                Class::Retry
+            }
             CallError::Http(s) if *s >= 500 || *s == 408 || *s == 429 => Class::Retry,
             // Any other HTTP status means the address is wrong (404 from a
             // proxy, 403 from a firewall page): the operator must act.
@@ -170,7 +172,20 @@ struct Inner {
     settings: ClientSettings,
     tokens: TokenStore,
     refresh: tokio::sync::Mutex<()>,
+    /// Unix seconds of the last refresh caused by a 21003/21004 answer.
+    last_rejected_refresh: AtomicI64,
     stats: ClientStats,
+}
+
+/// Why a token is being fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    /// None held yet.
+    Missing,
+    /// About to expire.
+    Expiring,
+    /// The platform answered 21003/21004 to a call made with it.
+    Rejected(i64),
 }
 
 /// A fresh `requestId`: 32 upper-case hex characters.
@@ -181,7 +196,9 @@ pub fn new_request_id() -> String {
 
 /// Is this a well-formed requestId of ours?
 pub fn is_request_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 impl Client {
@@ -194,7 +211,8 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60));
         match &settings.proxy {
             Some(p) => {
-                let proxy = reqwest::Proxy::all(p).map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
+                let proxy = reqwest::Proxy::all(p)
+                    .map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
                 b = b.proxy(proxy);
             }
             // Only the configured proxy is used: a stray http_proxy in the
@@ -203,7 +221,9 @@ impl Client {
         }
         if let Some(ca) = &settings.ca_file {
             let pem = std::fs::read(ca).map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))? {
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?
+            {
                 b = b.add_root_certificate(cert);
             }
         }
@@ -223,6 +243,7 @@ impl Client {
                 settings,
                 tokens,
                 refresh: tokio::sync::Mutex::new(()),
+                last_rejected_refresh: AtomicI64::new(i64::MIN / 2),
                 stats: ClientStats::default(),
             }),
         })
@@ -251,14 +272,23 @@ impl Client {
         let caller_id = opts.request_id.is_some();
         let request_id = opts.request_id.unwrap_or_else(new_request_id);
         let token = self.valid_token(timeout).await?;
-        match self.send::<A>(req, &request_id, &token.value, timeout).await {
+        match self
+            .send::<A>(req, &request_id, &token.value, timeout)
+            .await
+        {
             Err(e) if e.class() == Class::Token => {
                 let code = e.result_code().unwrap_or_default();
-                let fresh = self.refresh(token.generation, timeout, code).await?;
+                let fresh = self
+                    .refresh(token.generation, timeout, Reason::Rejected(code))
+                    .await?;
                 // A caller's own requestId is kept (the outbox relies on it);
                 // a throwaway one is renewed in case the platform's replay
                 // guard remembered the rejected attempt.
-                let retry_id = if caller_id { request_id } else { new_request_id() };
+                let retry_id = if caller_id {
+                    request_id
+                } else {
+                    new_request_id()
+                };
                 self.send::<A>(req, &retry_id, &fresh.value, timeout).await
             }
             other => other,
@@ -270,38 +300,66 @@ impl Client {
         let now = clock::now_unix();
         match self.inner.tokens.current() {
             Some(t) if t.fresh_at(now) => Ok(t),
-            Some(t) => self.refresh(t.generation, timeout, 21003).await,
-            None => self.refresh(0, timeout, 21001).await,
+            Some(t) => self.refresh(t.generation, timeout, Reason::Expiring).await,
+            None => self.refresh(0, timeout, Reason::Missing).await,
         }
     }
 
     /// Single-flight refresh of generation `seen`: if the current token is
     /// already newer than `seen` and fresh, it is returned without a call.
-    async fn refresh(&self, seen: u64, timeout: Duration, code: i64) -> Result<Token, CallError> {
+    async fn refresh(
+        &self,
+        seen: u64,
+        timeout: Duration,
+        reason: Reason,
+    ) -> Result<Token, CallError> {
         let _guard = self.inner.refresh.lock().await;
         let now = clock::now_unix();
         if let Some(t) = self.inner.tokens.current() {
             if t.generation > seen && t.fresh_at(now) {
                 return Ok(t);
             }
-            if t.generation == seen && seen > 0 && now - t.obtained_at < MIN_REFRESH_INTERVAL && t.fresh_at(now) {
-                tracing::warn!(code, "app token rejected right after a refresh; not refreshing again yet");
+        }
+        if let Reason::Rejected(code) = reason {
+            let last = self.inner.last_rejected_refresh.load(Ordering::Relaxed);
+            if now - last < MIN_REFRESH_INTERVAL {
+                tracing::warn!(code, "app token rejected again right after a refresh; not refreshing yet (is another agent using the same appId?)");
                 return Err(CallError::TokenChurn { code });
             }
+            self.inner
+                .last_rejected_refresh
+                .store(now, Ordering::Relaxed);
         }
         let req = api::AppTokenReq {
             app_id: self.inner.settings.app_id.clone(),
         };
-        let rsp = self.send::<GetAppToken>(&req, &new_request_id(), "", timeout).await?;
-        let tok = self.inner.tokens.install(rsp.app_token, rsp.expires_in, clock::now_unix())?;
-        self.inner.stats.token_fetches.fetch_add(1, Ordering::Relaxed);
-        self.inner.stats.last_token_at.store(tok.obtained_at, Ordering::Relaxed);
-        tracing::info!(generation = tok.generation, expires_in = rsp.expires_in, "obtained a new app token");
+        let rsp = self
+            .send::<GetAppToken>(&req, &new_request_id(), "", timeout)
+            .await?;
+        let tok = self
+            .inner
+            .tokens
+            .install(rsp.app_token, rsp.expires_in, clock::now_unix())?;
+        self.inner
+            .stats
+            .token_fetches
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .last_token_at
+            .store(tok.obtained_at, Ordering::Relaxed);
+        tracing::info!(generation = tok.generation, expires_in = rsp.expires_in, reason = ?reason, "obtained a new app token");
         Ok(tok)
     }
 
     /// One signed POST, with the body read up to [`MAX_BODY`].
-    async fn send<A: Api>(&self, req: &A::Req, request_id: &str, token: &str, timeout: Duration) -> Result<A::Rsp, CallError> {
+    async fn send<A: Api>(
+        &self,
+        req: &A::Req,
+        request_id: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<A::Rsp, CallError> {
         let body = self.envelope::<A>(req, request_id, token);
         let url = format!("{}{}", self.inner.base, A::PATH);
         let started = std::time::Instant::now();
@@ -339,7 +397,9 @@ impl Client {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(_) => tracing::debug!(api = A::NAME, request_id, elapsed_ms, "platform call ok"),
-            Err(e) => tracing::debug!(api = A::NAME, request_id, elapsed_ms, class = %e.class(), error = %e, "platform call failed"),
+            Err(e) => {
+                tracing::debug!(api = A::NAME, request_id, elapsed_ms, class = %e.class(), error = %e, "platform call failed")
+            }
         }
         result
     }
@@ -412,9 +472,19 @@ mod tests {
         assert_eq!(CallError::Http(404).class(), Class::Configuration);
         assert_eq!(CallError::Timeout(3000).class(), Class::Retry);
         assert!(CallError::Timeout(1).is_unavailable());
-        let p = CallError::Platform { code: -1, msg: String::new() };
+        let p = CallError::Platform {
+            code: -1,
+            msg: String::new(),
+        };
         assert_eq!(p.class(), Class::Retry);
         assert!(!p.is_unavailable());
-        assert_eq!(CallError::Platform { code: 21006, msg: String::new() }.class(), Class::Configuration);
+        assert_eq!(
+            CallError::Platform {
+                code: 21006,
+                msg: String::new()
+            }
+            .class(),
+            Class::Configuration
+        );
     }
 }

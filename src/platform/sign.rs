@@ -60,7 +60,11 @@ pub fn sign_raw(raw: &str, secret: &str) -> String {
 }
 
 /// Sign a request's `commonIn` and `req`.
-pub fn sign(common_in: &Map<String, Value>, req: Option<&Map<String, Value>>, secret: &str) -> String {
+pub fn sign(
+    common_in: &Map<String, Value>,
+    req: Option<&Map<String, Value>>,
+    secret: &str,
+) -> String {
     sign_raw(&raw_string(common_in, req), secret)
 }
 
@@ -154,7 +158,10 @@ mod tests {
     #[test]
     fn booleans_and_numbers() {
         let req = obj(json!({"t": true, "f": false, "n": -12, "x": 1.5}));
-        assert_eq!(raw_string(&Map::new(), Some(&req)), "f=false&n=-12&t=true&x=1.5");
+        assert_eq!(
+            raw_string(&Map::new(), Some(&req)),
+            "f=false&n=-12&t=true&x=1.5"
+        );
     }
 
     #[test]

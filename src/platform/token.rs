@@ -14,10 +14,11 @@
 //!   "of generation g"; if the current generation is already newer, somebody
 //!   else refreshed and the caller just retries with it;
 //! * a token is refreshed [`REFRESH_MARGIN`] seconds before it expires;
-//! * no refresh happens within [`MIN_REFRESH_INTERVAL`] of the previous one:
-//!   two processes sharing one appId would otherwise revoke each other in a
-//!   tight loop. The caller then gets the token error and its own retry
-//!   policy takes over.
+//! * a refresh *because the platform rejected the token* happens at most
+//!   once per [`MIN_REFRESH_INTERVAL`]: two processes sharing one appId would
+//!   otherwise revoke each other in a tight loop. The caller then gets the
+//!   token error and its own retry policy takes over. (The client enforces
+//!   this; see `client::Client::refresh`.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -26,7 +27,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 /// Refresh this many seconds before the platform's expiry.
 pub const REFRESH_MARGIN: i64 = 300;
-/// Never refresh more often than this (seconds).
+/// Never refresh because of a rejection more often than this (seconds).
 pub const MIN_REFRESH_INTERVAL: i64 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +99,10 @@ impl TokenStore {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS token (
                 id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -145,7 +148,10 @@ impl TokenStore {
     }
 
     pub fn current(&self) -> Option<Token> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Store a new token (committed to disk before returning) and make it
@@ -214,6 +220,9 @@ mod tests {
             app_id: "other".into(),
             ..id()
         };
-        assert!(TokenStore::open(Some(&p), other).unwrap().current().is_none());
+        assert!(TokenStore::open(Some(&p), other)
+            .unwrap()
+            .current()
+            .is_none());
     }
 }

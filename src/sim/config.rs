@@ -94,10 +94,34 @@ fn id01() -> String {
 /// The built-in cards.
 pub fn default_cards() -> Vec<SimCard> {
     let people = [
-        ("测试甲", "男", "1990-01-01", "999999199001010011", "10000000001"),
-        ("测试乙", "女", "1985-06-15", "999999198506150022", "10000000002"),
-        ("测试丙", "男", "2012-11-30", "999999201211300033", "10000000003"),
-        ("测试丁", "女", "1956-03-08", "999999195603080044", "10000000004"),
+        (
+            "测试甲",
+            "男",
+            "1990-01-01",
+            "999999199001010011",
+            "10000000001",
+        ),
+        (
+            "测试乙",
+            "女",
+            "1985-06-15",
+            "999999198506150022",
+            "10000000002",
+        ),
+        (
+            "测试丙",
+            "男",
+            "2012-11-30",
+            "999999201211300033",
+            "10000000003",
+        ),
+        (
+            "测试丁",
+            "女",
+            "1956-03-08",
+            "999999195603080044",
+            "10000000004",
+        ),
     ];
     people
         .iter()
@@ -130,7 +154,8 @@ impl SimConfig {
     pub fn load(path: &Path) -> Result<Self, SimConfigError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| SimConfigError::Read(p.clone(), e))?;
-        let c: SimConfig = toml::from_str(&text).map_err(|e| SimConfigError::Parse(p.clone(), e.to_string()))?;
+        let c: SimConfig =
+            toml::from_str(&text).map_err(|e| SimConfigError::Parse(p.clone(), e.to_string()))?;
         c.validate().map_err(|e| SimConfigError::Invalid(p, e))?;
         Ok(c)
     }

@@ -105,9 +105,15 @@ impl Faults {
                 }
             }
             if f.result_code_rate > 0.0 && f.result_code.is_none() {
-                return Err(format!("faults.api.{name}.result_code_rate needs result_code"));
+                return Err(format!(
+                    "faults.api.{name}.result_code_rate needs result_code"
+                ));
             }
-            if name != "*" && !crate::platform::api::API_NAMES.iter().any(|(n, _)| n == name) {
+            if name != "*"
+                && !crate::platform::api::API_NAMES
+                    .iter()
+                    .any(|(n, _)| n == name)
+            {
                 return Err(format!("faults.api.{name}: no such API"));
             }
         }

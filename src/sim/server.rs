@@ -130,7 +130,11 @@ pub async fn run_forever(cfg: SimConfig, addr: SocketAddr) -> anyhow::Result<()>
     let (app_id, hospital) = (cfg.app_id.clone(), cfg.hospital_ids.join(","));
     let sim = SimServer::start(cfg, addr).await?;
     tracing::info!(addr = %sim.addr, app_id = %app_id, hospital_ids = %hospital, "platform simulator listening");
-    println!("platform simulator at {} (control: {}/_sim/state)", sim.base_url(), sim.base_url());
+    println!(
+        "platform simulator at {} (control: {}/_sim/state)",
+        sim.base_url(),
+        sim.base_url()
+    );
     for c in sim.with_state(|s| s.cards()) {
         println!("card {}: static code {}", c.index, c.static_code);
     }
@@ -155,11 +159,21 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
     r.route("/_sim/state", get(ctl_state))
         .route("/_sim/cards", get(ctl_cards))
         .route("/_sim/mint", post(ctl_mint))
-        .route("/_sim/faults", get(ctl_get_faults).put(ctl_put_faults).delete(ctl_clear_faults))
+        .route(
+            "/_sim/faults",
+            get(ctl_get_faults)
+                .put(ctl_put_faults)
+                .delete(ctl_clear_faults),
+        )
         .route("/_sim/clock", post(ctl_clock))
         .route("/_sim/revoke", post(ctl_revoke))
         .route("/_sim/reset", post(ctl_reset))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "no such path on the platform simulator\n") })
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "no such path on the platform simulator\n",
+            )
+        })
         // Bodies up to 4x the limit are read so an oversized request gets the
         // platform's own 20004 answer; larger ones get HTTP 413.
         .layer(DefaultBodyLimit::max(max_body.saturating_mul(4)))
@@ -174,7 +188,11 @@ async fn loopback_control(
     next: axum::middleware::Next,
 ) -> Response {
     if req.uri().path().starts_with("/_sim/") && !peer.ip().is_loopback() {
-        return (StatusCode::FORBIDDEN, "the simulator's control endpoint answers loopback peers only\n").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "the simulator's control endpoint answers loopback peers only\n",
+        )
+            .into_response();
     }
     next.run(req).await
 }
@@ -182,7 +200,11 @@ async fn loopback_control(
 /// What to do with one platform request, decided under the lock.
 enum Plan {
     Http5xx,
-    Answer { json: Value, lost: bool, body_fault: Option<(BodyKind, u64)> },
+    Answer {
+        json: Value,
+        lost: bool,
+        body_fault: Option<(BodyKind, u64)>,
+    },
 }
 
 async fn api_call(State(sh): State<Arc<Shared>>, api: &'static str, body: Bytes) -> Response {
@@ -194,7 +216,11 @@ async fn api_call(State(sh): State<Arc<Shared>>, api: &'static str, body: Bytes)
     let delay = {
         let mut st = sh.lock();
         let (lat, jit) = (st.faults.latency_ms, st.faults.jitter_ms);
-        lat + if jit > 0 { st.rng.random_range(0..=jit) } else { 0 }
+        lat + if jit > 0 {
+            st.rng.random_range(0..=jit)
+        } else {
+            0
+        }
     };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -208,7 +234,9 @@ async fn api_call(State(sh): State<Arc<Shared>>, api: &'static str, body: Bytes)
             Plan::Http5xx
         } else {
             let forced = st.faults.take_forced(api);
-            let random = f.result_code.filter(|_| forced.is_none() && roll(&mut st, f.result_code_rate));
+            let random = f
+                .result_code
+                .filter(|_| forced.is_none() && roll(&mut st, f.result_code_rate));
             let forced = forced.or(random);
             let answer = match forced {
                 Some(code) => st.forced_answer(api, code, &body),
@@ -226,17 +254,42 @@ async fn api_call(State(sh): State<Arc<Shared>>, api: &'static str, body: Bytes)
         }
     };
     match plan {
-        Plan::Http5xx => (StatusCode::SERVICE_UNAVAILABLE, "<html><body>503 Service Temporarily Unavailable</body></html>").into_response(),
-        Plan::Answer { lost: true, .. } => (StatusCode::BAD_GATEWAY, "<html><body>502 Bad Gateway</body></html>").into_response(),
-        Plan::Answer { json, body_fault, .. } => {
+        Plan::Http5xx => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<html><body>503 Service Temporarily Unavailable</body></html>",
+        )
+            .into_response(),
+        Plan::Answer { lost: true, .. } => (
+            StatusCode::BAD_GATEWAY,
+            "<html><body>502 Bad Gateway</body></html>",
+        )
+            .into_response(),
+        Plan::Answer {
+            json, body_fault, ..
+        } => {
             let text = json.to_string();
             match body_fault {
-                None => ([(header::CONTENT_TYPE, "application/json;charset=UTF-8")], text).into_response(),
-                Some((BodyKind::NotJson, _)) => ([(header::CONTENT_TYPE, "text/html")], "<html><body>系统繁忙</body></html>").into_response(),
+                None => (
+                    [(header::CONTENT_TYPE, "application/json;charset=UTF-8")],
+                    text,
+                )
+                    .into_response(),
+                Some((BodyKind::NotJson, _)) => (
+                    [(header::CONTENT_TYPE, "text/html")],
+                    "<html><body>系统繁忙</body></html>",
+                )
+                    .into_response(),
                 Some((BodyKind::Truncated, _)) => {
                     let cut = text.len() / 2;
-                    let cut = (0..=cut).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
-                    ([(header::CONTENT_TYPE, "application/json;charset=UTF-8")], text[..cut].to_owned()).into_response()
+                    let cut = (0..=cut)
+                        .rev()
+                        .find(|i| text.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    (
+                        [(header::CONTENT_TYPE, "application/json;charset=UTF-8")],
+                        text[..cut].to_owned(),
+                    )
+                        .into_response()
                 }
                 Some((BodyKind::Slow, total_ms)) => slow_body(text.into_bytes(), total_ms),
             }
@@ -255,7 +308,10 @@ fn aborted() -> Response {
 
 /// The body in 16 pieces over `total_ms`.
 fn slow_body(bytes: Vec<u8>, total_ms: u64) -> Response {
-    let pieces: Vec<Bytes> = bytes.chunks(bytes.len().div_ceil(16).max(1)).map(Bytes::copy_from_slice).collect();
+    let pieces: Vec<Bytes> = bytes
+        .chunks(bytes.len().div_ceil(16).max(1))
+        .map(Bytes::copy_from_slice)
+        .collect();
     let step = Duration::from_millis(total_ms / pieces.len().max(1) as u64);
     let stream = futures_util::stream::unfold(pieces.into_iter(), move |mut it| async move {
         let next = it.next()?;
@@ -263,7 +319,12 @@ fn slow_body(bytes: Vec<u8>, total_ms: u64) -> Response {
         Some((Ok::<Bytes, std::io::Error>(next), it))
     });
     let mut r = Response::new(Body::from_stream(stream));
-    r.headers_mut().insert(header::CONTENT_TYPE, "application/json;charset=UTF-8".parse().unwrap_or(header::HeaderValue::from_static("application/json")));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "application/json;charset=UTF-8"
+            .parse()
+            .unwrap_or(header::HeaderValue::from_static("application/json")),
+    );
     r
 }
 
@@ -304,7 +365,7 @@ struct MintReq {
 async fn ctl_mint(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
     let req: MintReq = match parse_ctl(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     match sh.lock().mint(req.card, req.ttl_s, clock::now_unix()) {
         Some((code, exp)) => Json(json!({"qrCodeText": code, "expiresAt": exp})).into_response(),
@@ -319,7 +380,7 @@ async fn ctl_get_faults(State(sh): State<Arc<Shared>>) -> Json<Value> {
 async fn ctl_put_faults(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
     let f: Faults = match parse_ctl(&body) {
         Ok(f) => f,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     match sh.set_faults(f) {
         Ok(()) => Json(json!(sh.lock().faults)).into_response(),
@@ -341,7 +402,7 @@ struct ClockReq {
 async fn ctl_clock(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
     let req: ClockReq = match parse_ctl(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let mut st = sh.lock();
     st.clock_offset = st.clock_offset.saturating_add(req.advance_s);
@@ -358,9 +419,19 @@ async fn ctl_reset(State(sh): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({"reset": true}))
 }
 
-fn parse_ctl<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
-    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("bad control request: {e}\n")).into_response())
+/// A control request's JSON body (empty means `{}`), or the 400 answer.
+fn parse_ctl<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCode, String)> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("bad control request: {e}\n"),
+        )
+    })
 }
 
 // --------------------------------------------------------------- listener ---
@@ -370,7 +441,9 @@ fn parse_ctl<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response>
 #[derive(Clone, Copy, Debug)]
 struct Peer(SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, FaultyListener>> for Peer {
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, FaultyListener>>
+    for Peer
+{
     fn connect_info(stream: axum::serve::IncomingStream<'_, FaultyListener>) -> Self {
         Peer(*stream.remote_addr())
     }
@@ -396,8 +469,16 @@ impl axum::serve::Listener for FaultyListener {
             let outage = self.shared.outage(now);
             if outage == Some(OutageMode::Refuse) {
                 self.inner = None;
-                let until = self.shared.lock().faults.outage.as_ref().and_then(|o| o.until);
-                let wait = until.map(|u| Duration::from_secs((u - now).max(0) as u64) + Duration::from_millis(10));
+                let until = self
+                    .shared
+                    .lock()
+                    .faults
+                    .outage
+                    .as_ref()
+                    .and_then(|o| o.until);
+                let wait = until.map(|u| {
+                    Duration::from_secs((u - now).max(0) as u64) + Duration::from_millis(10)
+                });
                 tokio::select! {
                     _ = self.changed.changed() => {}
                     _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))) => {}
@@ -414,14 +495,18 @@ impl axum::serve::Listener for FaultyListener {
                     }
                 }
             }
-            let Some(l) = self.inner.as_ref() else { continue };
+            let Some(l) = self.inner.as_ref() else {
+                continue;
+            };
             let accepted = tokio::select! {
                 r = l.accept() => r,
                 _ = self.changed.changed() => continue,
             };
             match accepted {
                 Ok((s, peer)) => {
-                    if self.shared.outage(clock::now_unix()) == Some(OutageMode::Reset) && !is_control(&s).await {
+                    if self.shared.outage(clock::now_unix()) == Some(OutageMode::Reset)
+                        && !is_control(&s).await
+                    {
                         // Linger 0 makes the close an RST, which is what a
                         // reset outage is; with 0 the drop does not block.
                         #[allow(deprecated)]

@@ -32,7 +32,8 @@ use super::faults::Faults;
 use crate::clock;
 use crate::code::{self, Code};
 use crate::platform::api::{
-    Api, BindCardRelation, GetAppToken, GetHealthCardByQrCode, ReportHisData, ReportReq, VerifyQrCode,
+    Api, BindCardRelation, GetAppToken, GetHealthCardByQrCode, ReportHisData, ReportReq,
+    VerifyQrCode,
 };
 use crate::platform::{error, sign, tables};
 
@@ -166,7 +167,12 @@ impl SimState {
             .cards
             .iter()
             .enumerate()
-            .map(|(i, c)| c.card_id.clone().map(|s| s.to_uppercase()).unwrap_or_else(|| derive_card_id(i, c)))
+            .map(|(i, c)| {
+                c.card_id
+                    .clone()
+                    .map(|s| s.to_uppercase())
+                    .unwrap_or_else(|| derive_card_id(i, c))
+            })
             .collect();
         let patids = cfg.cards.iter().map(|c| c.patid.clone()).collect();
         let rng = match cfg.seed {
@@ -228,7 +234,10 @@ impl SimState {
         let tok = hex_upper(&tok);
         let expires = self.sim_now(real_now) + ttl.unwrap_or(self.cfg.dynamic_ttl_s) as i64;
         self.dynamic.insert(tok.clone(), (card, expires));
-        Some((format!("{id}:0:{tok}::{}", self.cfg.hospital_ids[0]), expires))
+        Some((
+            format!("{id}:0:{tok}::{}", self.cfg.hospital_ids[0]),
+            expires,
+        ))
     }
 
     /// The current (newest, unrevoked) token and its expiry.
@@ -274,7 +283,11 @@ impl SimState {
     pub fn forced_answer(&mut self, api: &str, code: i64, body: &[u8]) -> Answer {
         let rid = serde_json::from_slice::<Value>(body)
             .ok()
-            .and_then(|v| v.pointer("/commonIn/requestId").and_then(Value::as_str).map(str::to_owned))
+            .and_then(|v| {
+                v.pointer("/commonIn/requestId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .unwrap_or_default();
         self.count(api, &code.to_string());
         let mut a = Answer::err(code, &rid);
@@ -309,7 +322,11 @@ impl SimState {
             return Answer::err(10037, "");
         }
         if !rid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Answer::err_msg(20001, "", "commonIn.requestId has characters outside [A-Za-z0-9-]");
+            return Answer::err_msg(
+                20001,
+                "",
+                "commonIn.requestId has characters outside [A-Za-z0-9-]",
+            );
         }
         let req = match top.remove("req") {
             None | Some(Value::Null) => return Answer::err(10002, &rid),
@@ -319,16 +336,28 @@ impl SimState {
         for k in ["appToken", "hospitalId", "timestamp", "sign"] {
             match common.get(k) {
                 Some(Value::String(_)) | None => {}
-                Some(_) => return Answer::err_msg(20001, &rid, &format!("commonIn.{k} is not a string")),
+                Some(_) => {
+                    return Answer::err_msg(20001, &rid, &format!("commonIn.{k} is not a string"))
+                }
             }
         }
         let s = |k: &str| common.get(k).and_then(Value::as_str).unwrap_or_default();
         let ts = match s("timestamp").parse::<i64>() {
             Ok(t) if !s("timestamp").is_empty() => t,
-            _ => return Answer::err_msg(20001, &rid, "commonIn.timestamp must be Unix seconds as a string"),
+            _ => {
+                return Answer::err_msg(
+                    20001,
+                    &rid,
+                    "commonIn.timestamp must be Unix seconds as a string",
+                )
+            }
         };
         if (ts - real_now).unsigned_abs() > self.cfg.max_skew_s {
-            return Answer::err_msg(20002, &rid, "commonIn.timestamp too far from the platform's clock");
+            return Answer::err_msg(
+                20002,
+                &rid,
+                "commonIn.timestamp too far from the platform's clock",
+            );
         }
         let hospital = s("hospitalId").to_owned();
         let given_sign = s("sign").to_owned();
@@ -402,11 +431,19 @@ impl SimState {
             },
         );
         self.tokens_issued += 1;
-        Answer::ok(rid, json!({"appToken": tok, "expiresIn": self.cfg.token_ttl_s}))
+        Answer::ok(
+            rid,
+            json!({"appToken": tok, "expiresIn": self.cfg.token_ttl_s}),
+        )
     }
 
     /// Resolve a QR text to a card: static or unexpired dynamic.
-    fn resolve(&self, text: &str, sim_now: i64, allow_static: bool) -> Result<(usize, bool), (i64, &'static str)> {
+    fn resolve(
+        &self,
+        text: &str,
+        sim_now: i64,
+        allow_static: bool,
+    ) -> Result<(usize, bool), (i64, &'static str)> {
         let Ok(scanned) = code::classify(text) else {
             return Err((10020, "unreadable code"));
         };
@@ -422,7 +459,9 @@ impl SimState {
                 match (known, self.dynamic.get(&token)) {
                     (None, _) => Err((-10019, "no such card")),
                     (Some(i), Some((card, exp))) if *card == i && sim_now < *exp => Ok((i, true)),
-                    (Some(_), Some((card, _))) if self.card_ids[*card] == card_id => Err((10020, "dynamic code expired")),
+                    (Some(_), Some((card, _))) if self.card_ids[*card] == card_id => {
+                        Err((10020, "dynamic code expired"))
+                    }
                     (Some(_), _) => Err((10020, "dynamic code not issued")),
                 }
             }
@@ -467,12 +506,25 @@ impl SimState {
     }
 
     fn verify_qr(&mut self, rid: &str, req: &Map<String, Value>, sim_now: i64) -> Answer {
-        let s = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let s = |k: &str| {
+            req.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         let text = s("qrCodeText");
         if text.is_empty() {
             return Answer::err(10018, rid);
         }
-        for k in ["terminalId", "time", "medicalStep", "useCityCode", "useCityName", "hospitalCode", "hospitalName"] {
+        for k in [
+            "terminalId",
+            "time",
+            "medicalStep",
+            "useCityCode",
+            "useCityName",
+            "hospitalCode",
+            "hospitalName",
+        ] {
             if s(k).is_empty() {
                 return Answer::err_msg(10042, rid, &format!("req.{k} is required"));
             }
@@ -509,13 +561,23 @@ impl SimState {
         )
     }
 
-    fn report(&mut self, rid: &str, req: &Map<String, Value>, hospital: &str, real_now: i64) -> Answer {
+    fn report(
+        &mut self,
+        rid: &str,
+        req: &Map<String, Value>,
+        hospital: &str,
+        real_now: i64,
+    ) -> Answer {
         let r: ReportReq = match serde_json::from_value(Value::Object(req.clone())) {
             Ok(r) => r,
             Err(e) => return Answer::err_msg(10042, rid, &e.to_string()),
         };
         if r.hospital_id != hospital {
-            return Answer::err_msg(21005, rid, "req.hospitalId differs from commonIn.hospitalId");
+            return Answer::err_msg(
+                21005,
+                rid,
+                "req.hospitalId differs from commonIn.hospitalId",
+            );
         }
         if clock::parse_platform_time(&r.time, clock::BEIJING).is_none() {
             return Answer::err_msg(10042, rid, "req.time must be yyyy-MM-dd HH:mm:ss");
@@ -554,7 +616,12 @@ impl SimState {
     }
 
     fn bind(&mut self, rid: &str, req: &Map<String, Value>, sim_now: i64) -> Answer {
-        let s = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let s = |k: &str| {
+            req.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         let (patid, text) = (s("patid"), s("qrCodeText"));
         if patid.is_empty() {
             return Answer::err(10033, rid);
@@ -580,7 +647,10 @@ impl SimState {
     /// once), as the platform's statistics would see them.
     pub fn unique_reports(&self) -> Vec<&ReportRec> {
         let mut seen = HashSet::new();
-        self.reports.iter().filter(|r| seen.insert(r.request_id.clone())).collect()
+        self.reports
+            .iter()
+            .filter(|r| seen.insert(r.request_id.clone()))
+            .collect()
     }
 }
 
@@ -615,14 +685,35 @@ mod tests {
         let mut st = SimState::new(SimConfig::default());
         let t1 = token(&mut st, "R1");
         let code = st.static_code(0).unwrap();
-        let q = |st: &SimState, t: &str, rid: &str| envelope(st, t, json!({"qrCodeText": code}), rid);
-        assert_eq!(st.answer("getHealthCardByQRCode", &q(&st, &t1, "R2"), NOW).code, 0);
+        let q =
+            |st: &SimState, t: &str, rid: &str| envelope(st, t, json!({"qrCodeText": code}), rid);
+        assert_eq!(
+            st.answer("getHealthCardByQRCode", &q(&st, &t1, "R2"), NOW)
+                .code,
+            0
+        );
         let t2 = token(&mut st, "R3");
-        assert_eq!(st.answer("getHealthCardByQRCode", &q(&st, &t1, "R4"), NOW).code, 21004);
-        assert_eq!(st.answer("getHealthCardByQRCode", &q(&st, &t2, "R4"), NOW).code, 0);
-        assert_eq!(st.answer("getHealthCardByQRCode", &q(&st, "", "R5"), NOW).code, 21001);
+        assert_eq!(
+            st.answer("getHealthCardByQRCode", &q(&st, &t1, "R4"), NOW)
+                .code,
+            21004
+        );
+        assert_eq!(
+            st.answer("getHealthCardByQRCode", &q(&st, &t2, "R4"), NOW)
+                .code,
+            0
+        );
+        assert_eq!(
+            st.answer("getHealthCardByQRCode", &q(&st, "", "R5"), NOW)
+                .code,
+            21001
+        );
         st.clock_offset = 7200;
-        assert_eq!(st.answer("getHealthCardByQRCode", &q(&st, &t2, "R6"), NOW).code, 21003);
+        assert_eq!(
+            st.answer("getHealthCardByQRCode", &q(&st, &t2, "R6"), NOW)
+                .code,
+            21003
+        );
         assert_eq!(st.tokens_issued(), 2);
     }
 
@@ -631,7 +722,11 @@ mod tests {
         let mut st = SimState::new(SimConfig::default());
         assert_eq!(st.answer("reportHISData", b"\xff\xfe", NOW).code, 20001);
         assert_eq!(st.answer("reportHISData", b"{}", NOW).code, 10003);
-        assert_eq!(st.answer("reportHISData", br#"{"commonIn":{"requestId":"A"}}"#, NOW).code, 10002);
+        assert_eq!(
+            st.answer("reportHISData", br#"{"commonIn":{"requestId":"A"}}"#, NOW)
+                .code,
+            10002
+        );
         let deep = "[".repeat(100_000);
         assert_eq!(st.answer("reportHISData", deep.as_bytes(), NOW).code, 20001);
         let big = vec![b' '; (1 << 20) + 1];

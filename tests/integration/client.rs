@@ -1,0 +1,232 @@
+//! The platform client against the simulator over real HTTP: token single
+//! flight, persistence across restarts, requestId reuse, and every kind of
+//! failure classified.
+
+use std::time::Duration;
+
+use ehc_agent::platform::api::{GetHealthCardByQrCode, QrCodeReq, ReportHisData, ReportReq};
+use ehc_agent::platform::{CallError, CallOptions, Class, Client};
+use serde_json::json;
+
+use crate::common::*;
+
+fn qr_req(sim: &ehc_agent::sim::SimServer) -> QrCodeReq {
+    QrCodeReq {
+        qr_code_text: sim.with_state(|s| s.static_code(0)).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_21004_cause_one_get_app_token() {
+    let sim = sim().await;
+    let client = client(&sim);
+    let req = qr_req(&sim);
+    client
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
+    assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
+    // Another party revokes the token: every call now gets 21004.
+    control(&sim, "POST", "/_sim/revoke", json!({})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (c, r) = (client.clone(), req.clone());
+        tasks.push(tokio::spawn(async move {
+            c.call::<GetHealthCardByQrCode>(&r, CallOptions::scan())
+                .await
+        }));
+    }
+    for t in tasks {
+        let card = t.await.unwrap().expect("call succeeds after one refresh");
+        assert_eq!(card.card.name, "测试甲");
+    }
+    assert_eq!(
+        calls(&sim, "getAppToken", "0").await,
+        2,
+        "exactly one refresh for 20 failures"
+    );
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "21004").await, 20);
+    assert_eq!(client.token().unwrap().generation, 2);
+}
+
+#[tokio::test]
+async fn restart_reuses_the_stored_token() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_path = dir.path().join("state.sqlite");
+    let req = qr_req(&sim);
+    {
+        let c = Client::new(settings(&sim, Some(state_path.clone()))).unwrap();
+        c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+            .await
+            .unwrap();
+    }
+    let c = Client::new(settings(&sim, Some(state_path.clone()))).unwrap();
+    assert!(c.token().is_some(), "token loaded from the state file");
+    c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
+    assert_eq!(
+        calls(&sim, "getAppToken", "0").await,
+        1,
+        "no new getAppToken after restart"
+    );
+    // A different app id does not pick up the stored token.
+    let mut other = settings(&sim, Some(state_path));
+    other.app_id = "another-app".into();
+    assert!(Client::new(other).unwrap().token().is_none());
+}
+
+#[tokio::test]
+async fn expiring_token_is_refreshed_before_use() {
+    let cfg = ehc_agent::sim::SimConfig {
+        token_ttl_s: 200, // inside the client's refresh margin
+        ..Default::default()
+    };
+    let sim = sim_with(cfg).await;
+    let c = client(&sim);
+    let req = qr_req(&sim);
+    c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
+    c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
+    // Each call saw a token about to expire and refreshed it first: no 21003.
+    assert_eq!(calls(&sim, "getAppToken", "0").await, 2);
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "21003").await, 0);
+}
+
+#[tokio::test]
+async fn token_rejected_again_right_after_refresh_is_not_a_loop() {
+    let sim = sim().await;
+    let c = client(&sim);
+    let req = qr_req(&sim);
+    c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
+    // Every call for the next while is rejected: one refresh, then the error.
+    set_faults(
+        &sim,
+        json!({"force": {"code": 21004, "count": 10, "api": "getHealthCardByQRCode"}}),
+    )
+    .await;
+    let e = c
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), Class::Token);
+    let e = c
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::TokenChurn { code: 21004 }), "{e:?}");
+    assert_eq!(
+        calls(&sim, "getAppToken", "0").await,
+        2,
+        "one refresh, no loop"
+    );
+}
+
+#[tokio::test]
+async fn callers_request_id_is_kept_and_10054_reported() {
+    let sim = sim().await;
+    let c = client(&sim);
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let r: ReportReq = serde_json::from_value(report(&qr)).unwrap();
+    let id = ehc_agent::platform::client::new_request_id();
+    c.call::<ReportHisData>(&r, CallOptions::upload(&id))
+        .await
+        .unwrap();
+    let e = c
+        .call::<ReportHisData>(&r, CallOptions::upload(&id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.result_code(), Some(10054));
+    let st = state(&sim).await;
+    assert_eq!(st["reports"][0]["requestId"], id.as_str());
+    // The token-refresh retry keeps the caller's requestId too.
+    control(&sim, "POST", "/_sim/revoke", json!({})).await;
+    let id2 = ehc_agent::platform::client::new_request_id();
+    c.call::<ReportHisData>(&r, CallOptions::upload(&id2))
+        .await
+        .unwrap();
+    assert_eq!(state(&sim).await["reports"][1]["requestId"], id2.as_str());
+}
+
+#[tokio::test]
+async fn failures_are_classified() {
+    let sim = sim().await;
+    let c = client(&sim);
+    let req = qr_req(&sim);
+    c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
+    let call = || c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan());
+
+    set_faults(&sim, json!({"api": {"*": {"http_5xx_rate": 1.0}}})).await;
+    let e = call().await.unwrap_err();
+    assert!(
+        matches!(e, CallError::Http(503)) && e.is_unavailable(),
+        "{e:?}"
+    );
+
+    set_faults(&sim, json!({"body": {"kind": "not-json"}})).await;
+    let e = call().await.unwrap_err();
+    assert!(
+        matches!(e, CallError::Response(_)) && e.class() == Class::Retry,
+        "{e:?}"
+    );
+
+    set_faults(&sim, json!({"body": {"kind": "truncated"}})).await;
+    assert!(matches!(call().await.unwrap_err(), CallError::Response(_)));
+
+    set_faults(&sim, json!({"outage": {"mode": "reset"}})).await;
+    let e = call().await.unwrap_err();
+    assert!(
+        matches!(e, CallError::Unreachable(_)) && e.is_unavailable(),
+        "{e:?}"
+    );
+
+    set_faults(&sim, json!({"force": {"code": 10034, "count": 1}})).await;
+    assert_eq!(call().await.unwrap_err().class(), Class::RateLimit);
+
+    set_faults(&sim, json!({"force": {"code": -10019, "count": 1}})).await;
+    assert_eq!(call().await.unwrap_err().class(), Class::Permanent);
+    set_faults(&sim, json!({})).await;
+
+    // Slow answers hit the scan-path timeout.
+    set_faults(&sim, json!({"latency_ms": 2000})).await;
+    let mut s = settings(&sim, None);
+    s.scan_timeout = Duration::from_millis(300);
+    let quick = Client::new(s).unwrap();
+    let e = quick
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Timeout(300)), "{e:?}");
+    set_faults(&sim, json!({})).await;
+
+    // A wrong secret is a configuration error, not something to retry.
+    let mut s = settings(&sim, None);
+    s.secret = ehc_agent::config::Secret::new("wrong");
+    let e = Client::new(s)
+        .unwrap()
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.result_code(), e.class()),
+        (Some(21006), Class::Configuration)
+    );
+
+    // Nothing listening at all.
+    let mut s = settings(&sim, None);
+    s.base_url = "http://127.0.0.1:1".into();
+    let e = Client::new(s)
+        .unwrap()
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+}

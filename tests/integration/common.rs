@@ -1,0 +1,194 @@
+//! Helpers shared by the integration tests: a simulator on port 0, a client
+//! pointed at it, hand-signed raw requests, and the control endpoint.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ehc_agent::config::Secret;
+use ehc_agent::platform::{sign, Client, ClientSettings};
+use ehc_agent::sim::{SimConfig, SimServer};
+use serde_json::{json, Map, Value};
+
+pub const APP_ID: &str = ehc_agent::sim::config::DEFAULT_APP_ID;
+pub const SECRET: &str = ehc_agent::sim::config::DEFAULT_APP_SECRET;
+pub const HOSPITAL: &str = ehc_agent::sim::config::DEFAULT_HOSPITAL_ID;
+
+pub async fn sim() -> SimServer {
+    sim_with(SimConfig::default()).await
+}
+
+pub async fn sim_with(cfg: SimConfig) -> SimServer {
+    SimServer::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator starts")
+}
+
+pub fn settings(sim: &SimServer, state: Option<PathBuf>) -> ClientSettings {
+    ClientSettings {
+        base_url: sim.base_url(),
+        app_id: APP_ID.into(),
+        hospital_id: HOSPITAL.into(),
+        secret: Secret::new(SECRET),
+        scan_timeout: Duration::from_secs(3),
+        upload_timeout: Duration::from_secs(10),
+        proxy: None,
+        ca_file: None,
+        state_path: state,
+    }
+}
+
+pub fn client(sim: &SimServer) -> Client {
+    Client::new(settings(sim, None)).unwrap()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// The simulator's state, through its control endpoint.
+pub async fn state(sim: &SimServer) -> Value {
+    json_of(
+        http()
+            .get(format!("{}/_sim/state", sim.base_url()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Number of calls of `api` answered with `outcome` (a result code or
+/// `http_503`, `outage`, ...).
+pub async fn calls(sim: &SimServer, api: &str, outcome: &str) -> u64 {
+    state(sim).await["calls"][api][outcome]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+pub async fn control(sim: &SimServer, method: &str, path: &str, body: Value) -> reqwest::Response {
+    let url = format!("{}{}", sim.base_url(), path);
+    let c = http();
+    let r = match method {
+        "PUT" => c.put(url),
+        "DELETE" => c.delete(url),
+        "GET" => c.get(url),
+        _ => c.post(url),
+    };
+    r.body(body.to_string())
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap()
+}
+
+pub async fn set_faults(sim: &SimServer, faults: Value) {
+    let r = control(sim, "PUT", "/_sim/faults", faults).await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+pub async fn mint(sim: &SimServer, card: usize, ttl: Option<u64>) -> String {
+    let v: Value = json_of(
+        control(
+            sim,
+            "POST",
+            "/_sim/mint",
+            json!({"card": card, "ttlS": ttl}),
+        )
+        .await,
+    )
+    .await;
+    v["qrCodeText"].as_str().unwrap().to_owned()
+}
+
+pub fn now() -> i64 {
+    ehc_agent::clock::now_unix()
+}
+
+/// A hand-built signed envelope, for checking the simulator's rules
+/// independently of the client.
+pub fn envelope(token: &str, rid: &str, req: Value, secret: &str) -> Value {
+    envelope_at(token, rid, req, secret, HOSPITAL, now())
+}
+
+pub fn envelope_at(
+    token: &str,
+    rid: &str,
+    req: Value,
+    secret: &str,
+    hospital: &str,
+    ts: i64,
+) -> Value {
+    let req = req.as_object().cloned().unwrap_or_default();
+    let mut common = Map::new();
+    common.insert("appToken".into(), token.into());
+    common.insert("requestId".into(), rid.into());
+    common.insert("hospitalId".into(), hospital.into());
+    common.insert("timestamp".into(), ts.to_string().into());
+    let s = sign::sign(&common, Some(&req), secret);
+    common.insert("sign".into(), s.into());
+    json!({"commonIn": common, "req": req})
+}
+
+pub fn path(api: &str) -> &'static str {
+    ehc_agent::platform::api::API_NAMES
+        .iter()
+        .find(|(n, _)| *n == api)
+        .unwrap()
+        .1
+}
+
+/// POST raw bytes to an API path; the parsed JSON answer.
+pub async fn post_raw(sim: &SimServer, api: &str, body: Vec<u8>) -> Value {
+    let r = http()
+        .post(format!("{}{}", sim.base_url(), path(api)))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+pub async fn post(sim: &SimServer, api: &str, envelope: &Value) -> Value {
+    post_raw(sim, api, envelope.to_string().into_bytes()).await
+}
+
+pub fn code(answer: &Value) -> i64 {
+    answer["commonOut"]["resultCode"]
+        .as_i64()
+        .expect("resultCode")
+}
+
+pub fn rid(n: u32) -> String {
+    format!("{:032X}", (n as u128) << 64 | rand_part())
+}
+
+fn rand_part() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    u128::from(N.fetch_add(1, Ordering::Relaxed)) ^ (std::process::id() as u128) << 32
+}
+
+/// A token straight from the simulator.
+pub async fn token(sim: &SimServer) -> String {
+    let a = post(
+        sim,
+        "getAppToken",
+        &envelope("", &rid(0), json!({"appId": APP_ID}), SECRET),
+    )
+    .await;
+    assert_eq!(code(&a), 0, "{a}");
+    a["rsp"]["appToken"].as_str().unwrap().to_owned()
+}
+
+pub fn report(qr: &str) -> Value {
+    json!({
+        "qrCodeText": qr, "time": ehc_agent::clock::platform_time(now(), ehc_agent::clock::BEIJING),
+        "hospitalId": HOSPITAL, "scene": "010101", "department": "内科", "cardType": "11", "cardChannel": "0100"
+    })
+}
+
+pub async fn json_of(r: reqwest::Response) -> Value {
+    let text = r.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}

@@ -1,0 +1,8 @@
+//! ehc-agent's integration tests: one binary (as ripgrep does), modules by
+//! subject. Everything here talks real HTTP to the simulator on port 0 and
+//! runs the real `ehc-agent` binary where a command is under test.
+
+mod cli;
+mod client;
+mod common;
+mod sim;
