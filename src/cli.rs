@@ -22,6 +22,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent: scanners, the HIS socket, the outbox and its uploads.
+    Run(ConfigArg),
+    /// The whole loop with no configuration: the platform simulator, a scanner on standard input, the HIS output printed.
+    Demo {
+        /// Read scans from this file (one per line; `@static 0`, `@dynamic 1`, `@expired 2`, `@unknown`, `@other` expand to sample codes) and exit when all are reported.
+        #[arg(long)]
+        script: Option<PathBuf>,
+    },
     /// Validate the configuration: print every problem (exit 2) or a summary (exit 0).
     Check(ConfigArg),
     /// Show how a request envelope is signed: the raw string (secret redacted) and the sign.

@@ -15,11 +15,14 @@ use crate::platform::sign;
 /// Exit status for bad usage or an invalid configuration (DESIGN §2).
 pub const EXIT_USAGE: u8 = 2;
 
-/// Human-readable logs on stderr; `RUST_LOG` overrides `-v`.
-pub fn init_tracing(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
+/// Human-readable logs on stderr; `RUST_LOG` overrides `-v`. The demo
+/// starts quieter: its output is the point.
+pub fn init_tracing(verbose: u8, command: &Command) {
+    let quiet = matches!(command, Command::Demo { .. });
+    let default = match (verbose, quiet) {
+        (0, true) => "error",
+        (0, false) => "info",
+        (1, _) => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -32,6 +35,15 @@ pub fn init_tracing(verbose: u8) {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(a) => run_cmd(a.config.as_deref()),
+        Command::Demo { script } => {
+            let ok = runtime()?.block_on(crate::demo::run(script))?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Check(a) => Ok(check(a.config.as_deref(), &Env::from_process())),
         Command::Sign(a) => sign_cmd(a),
         Command::Sim(a) => sim_cmd(a),
@@ -138,13 +150,35 @@ pub fn sign_report(envelope: &str, secret: &str) -> anyhow::Result<SignReport> {
     Ok(SignReport { text, matches })
 }
 
-fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
+        .context("starting the async runtime")
+}
+
+/// `ehc-agent run`.
+fn run_cmd(explicit: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = match config::load(explicit, &Env::from_process()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ehc-agent: {e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    match runtime()?.block_on(crate::app::run(cfg)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is_configuration() => {
+            eprintln!("ehc-agent: {e}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async move {
         match a.action {
             None => {
                 let cfg = match &a.config {

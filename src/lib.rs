@@ -18,17 +18,25 @@
 //! | [`code`] | scanned text → static / dynamic / other health card code (pure, fuzzable) |
 //! | [`platform`] | the open platform: [`platform::sign`] (pure signing), [`platform::api`] (typed requests and defensive response parsing), [`platform::error`] (result codes → classes), [`platform::tables`] (scene, card type and channel codes), [`platform::token`] (persisted token, generations), [`platform::client`] (reqwest, timeouts, single-flight refresh) |
 //! | [`sim`] | the platform simulator (`ehc-agent sim`): a strict HTTP server of the same API with synthetic cards, faults and a control endpoint |
-//!
-//! Seams for what comes next (DESIGN §1): scanners feed a `scanner` module,
-//! the scan path is `pipeline`, HIS clients are served by `his`, uses are kept
-//! by `outbox`, and `app` wires them under one cancellation token. Each will
-//! call [`platform::Client`] and classify failures with
-//! [`platform::CallError::class`].
+//! | [`scanner`] | scanners: [`scanner::framing`] (bytes → scans: terminators, idle gap, length cap, debounce), [`scanner::stdin`]; a [`scanner::Scan`] carries the scanner's name |
+//! | [`pipeline`] | the scan path: classify → resolve (offline policy) → record → deliver; HIS's `use` and `bind` |
+//! | [`his`] | HIS clients: [`his::protocol`] (messages), [`his::hub`] (fan-out, bounded queues, holding events), [`his::server`] (Unix socket with peer checks, loopback TCP, WebSocket with Origin allowlist) |
+//! | [`outbox`] | uses until the platform has them: [`outbox::store`] (SQLite WAL + FULL, migrations, states), [`outbox::uploader`] (batches, backoff, rate limits, configuration stops), the memory spill for a full disk |
+//! | [`app`] | the daemon's wiring: tasks under a cancellation token, start-up order, shutdown, signals |
+//! | [`demo`] | `ehc-agent demo`: simulator + agent + HIS client in one process |
+//! | [`pii`] | masking names, ID numbers, phones and QR texts before they reach a log |
 
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod code;
 pub mod commands;
 pub mod config;
+pub mod demo;
+pub mod his;
+pub mod outbox;
+pub mod pii;
+pub mod pipeline;
 pub mod platform;
+pub mod scanner;
 pub mod sim;

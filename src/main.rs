@@ -8,7 +8,7 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = ehc_agent::cli::Cli::parse();
-    ehc_agent::commands::init_tracing(cli.verbose);
+    ehc_agent::commands::init_tracing(cli.verbose, &cli.command);
     match ehc_agent::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -34,6 +34,9 @@ pub(crate) struct Shared {
     state: Mutex<SimState>,
     /// Bumped on every fault change, so the listener re-reads the outage.
     faults_changed: watch::Sender<u64>,
+    /// Bumped after every platform answer, so a watcher (the demo, tests)
+    /// can wait for "something was received" instead of polling.
+    answered: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -78,6 +81,7 @@ impl SimServer {
         let shared = Arc::new(Shared {
             state: Mutex::new(SimState::new(cfg)),
             faults_changed: tx,
+            answered: watch::channel(0).0,
         });
         let initial = shared.lock().faults.clone();
         shared.set_faults(initial).map_err(std::io::Error::other)?;
@@ -117,6 +121,11 @@ impl SimServer {
 
     pub fn set_faults(&self, f: Faults) -> Result<(), String> {
         self.shared.set_faults(f)
+    }
+
+    /// A receiver that changes after every platform answer.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.answered.subscribe()
     }
 
     pub async fn stop(self) {
@@ -246,6 +255,7 @@ async fn api_call(State(sh): State<Arc<Shared>>, api: &'static str, body: Bytes)
             if lost {
                 st.count(api, "lost_answer");
             }
+            sh.answered.send_modify(|n| *n += 1);
             Plan::Answer {
                 json: answer.to_json(),
                 lost,

@@ -1,0 +1,245 @@
+//! The outbox: every use of a card, kept until the platform has it.
+//!
+//! [`store`] is the SQLite file and its invariants; [`uploader`] drains it to
+//! the platform. This module is the handle both share with the pipeline:
+//!
+//! * [`Outbox::record`] commits rows before the pipeline delivers a card. If
+//!   the commit fails (disk full, read-only state directory, I/O error), the
+//!   rows go to a bounded memory **spill**, the call reports
+//!   `recorded: false`, the fault is logged at ERROR and shown in status, and
+//!   the spill is written as soon as the disk allows (the uploader retries it
+//!   on its timer). A crash while uses sit in the spill loses them: that is
+//!   the price of serving the patient when the disk cannot take a write, and
+//!   the reason it is loud.
+//! * SQLite calls run on the blocking pool: an fsync must not stall the
+//!   async workers that serve HIS clients.
+
+pub mod store;
+pub mod uploader;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+pub use store::{Counts, Kind, NewRow, Row, State, Store, StoreError};
+
+/// Most uses kept in memory while the disk refuses writes.
+pub const SPILL_CAP: usize = 10_000;
+
+/// What the uploader and the spill report for `status`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadStatus {
+    /// Uploads stopped by a configuration error (20000, 21001, 21002, 21005,
+    /// 21006 or a wrong address): the cause, until fixed and resumed.
+    pub stopped: Option<String>,
+    /// Rate limited (10034/21007) until this Unix time (next Beijing day).
+    pub rate_limited_until: Option<i64>,
+    pub last_success_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// Uses waiting in memory because the disk refused them.
+    pub spilled: usize,
+    /// Why the disk refused, while it does.
+    pub disk_fault: Option<String>,
+    pub uploaded: u64,
+    pub failed_attempts: u64,
+}
+
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Mutex<Store>,
+    spill: Mutex<VecDeque<SpillItem>>,
+    status: Mutex<UploadStatus>,
+    wake: Notify,
+}
+
+/// Rows that could not be committed, with what to do with them once they can.
+enum SpillItem {
+    Insert(Vec<NewRow>),
+    Replace(String, Vec<NewRow>),
+}
+
+impl SpillItem {
+    fn len(&self) -> usize {
+        match self {
+            SpillItem::Insert(r) | SpillItem::Replace(_, r) => r.len(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Outbox {
+    pub fn open(path: &Path) -> Result<Outbox, StoreError> {
+        let store = Store::open(path)?;
+        let status = UploadStatus {
+            rate_limited_until: store
+                .meta_get(uploader::META_RATE_LIMIT)?
+                .and_then(|v| v.parse().ok())
+                .filter(|t| *t > crate::clock::now_unix()),
+            ..UploadStatus::default()
+        };
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                store: Mutex::new(store),
+                spill: Mutex::new(VecDeque::new()),
+                status: Mutex::new(status),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    /// Run `f` on the store on the blocking pool.
+    pub async fn with_store<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> R + Send + 'static,
+    ) -> R {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || f(&mut lock(&inner.store))).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Commit new rows (fsynced) and wake the uploader. `false`: the disk
+    /// refused and the rows are in the memory spill.
+    pub async fn record(&self, rows: Vec<NewRow>) -> bool {
+        self.commit(SpillItem::Insert(rows)).await
+    }
+
+    /// HIS's own `use` for a scan: replaces the scan's waiting default use.
+    pub async fn record_replacing(&self, scan_id: String, rows: Vec<NewRow>) -> bool {
+        self.commit(SpillItem::Replace(scan_id, rows)).await
+    }
+
+    async fn commit(&self, item: SpillItem) -> bool {
+        let inner = self.inner.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let mut store = lock(&inner.store);
+            // Older spilled uses first, to keep their order.
+            flush_spill(&inner, &mut store);
+            let result = match &item {
+                SpillItem::Insert(rows) => store.insert(rows).map(|_| ()),
+                SpillItem::Replace(scan, rows) => store.replace_waiting(scan, rows).map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    if lock(&inner.spill).is_empty() {
+                        lock(&inner.status).disk_fault = None;
+                    }
+                    true
+                }
+                Err(e) => {
+                    spill(&inner, item, &e);
+                    false
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        self.inner.wake.notify_one();
+        ok
+    }
+
+    /// Try to write spilled rows now. Returns how many remain.
+    pub async fn flush_spill(&self) -> usize {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = lock(&inner.store);
+            flush_spill(&inner, &mut store)
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    pub fn spilled(&self) -> usize {
+        lock(&self.inner.spill).iter().map(SpillItem::len).sum()
+    }
+
+    pub fn status(&self) -> UploadStatus {
+        let mut s = lock(&self.inner.status).clone();
+        s.spilled = self.spilled();
+        s
+    }
+
+    pub(crate) fn update_status(&self, f: impl FnOnce(&mut UploadStatus)) {
+        f(&mut lock(&self.inner.status));
+    }
+
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        self.with_store(|s| s.counts()).await
+    }
+
+    /// Wake the uploader (new rows, a retry, a flush, a resume).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.wake.notified()
+    }
+
+    /// Clear a configuration stop and a rate-limit hold, and wake the
+    /// uploader: the operator says the cause is fixed.
+    pub async fn resume(&self) {
+        self.update_status(|s| {
+            s.stopped = None;
+            s.rate_limited_until = None;
+        });
+        let _ = self
+            .with_store(|s| s.meta_set(uploader::META_RATE_LIMIT, None))
+            .await;
+        self.wake();
+    }
+}
+
+fn spill(inner: &Inner, item: SpillItem, e: &StoreError) {
+    let mut sp = lock(&inner.spill);
+    let held: usize = sp.iter().map(SpillItem::len).sum();
+    let n = item.len();
+    if held + n > SPILL_CAP {
+        tracing::error!(error = %e, lost = n, spilled = held, "outbox cannot be written and the memory spill is full: these uses are LOST");
+    } else {
+        sp.push_back(item);
+        tracing::error!(error = %e, spilled = held + n, "outbox cannot be written: uses kept in memory until the disk allows (a crash now loses them)");
+    }
+    drop(sp);
+    lock(&inner.status).disk_fault = Some(e.to_string());
+}
+
+fn flush_spill(inner: &Inner, store: &mut Store) -> usize {
+    let mut sp = lock(&inner.spill);
+    while let Some(item) = sp.front() {
+        let r = match item {
+            SpillItem::Insert(rows) => store.insert(rows).map(|_| ()),
+            SpillItem::Replace(scan, rows) => store.replace_waiting(scan, rows).map(|_| ()),
+        };
+        match r {
+            Ok(()) => {
+                let n = item.len();
+                sp.pop_front();
+                tracing::warn!(
+                    written = n,
+                    remaining = sp.len(),
+                    "spilled uses written to the outbox"
+                );
+            }
+            Err(_) => break,
+        }
+    }
+    let left = sp.iter().map(SpillItem::len).sum();
+    drop(sp);
+    if left == 0 {
+        lock(&inner.status).disk_fault = None;
+    }
+    left
+}

@@ -1,0 +1,709 @@
+//! The outbox's SQLite file: every use of a card (and every bind) until the
+//! platform has confirmed it.
+//!
+//! Invariants (after Postfix's queue and Vector's disk buffer):
+//!
+//! 1. A row is committed with `synchronous=FULL` in WAL mode before the
+//!    pipeline delivers the card to HIS, so a crash or power cut after HIS
+//!    saw a card cannot lose its use. Both pragmas are read back at open; a
+//!    file system that refuses them refuses the agent.
+//! 2. A row holds only what its API call needs (the request body, which for a
+//!    health card carries the QR text, never a name or ID number) and its own
+//!    `requestId`, used for every retry: the platform de-duplicates on it.
+//! 3. No row is deleted because a call failed. Rows leave only as `sent`
+//!    rows older than the retention (purge), held rows on an explicit
+//!    operator purge, or a `waiting` default use replaced by HIS's own `use`
+//!    (it was never uploaded).
+//! 4. Rows in flight are not marked in the file: a crash leaves them
+//!    `pending`, and they are retried with the same requestId.
+//!
+//! States: `waiting` (a default use waiting `use_wait_s` for HIS's `use`;
+//! due at its deadline like a pending row), `pending`, `sent`, `held`
+//! (parked after a permanent error, with its code; `outbox retry` re-queues).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+
+/// Schema migrations; index + 1 is the `user_version` they lead to. Append
+/// only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE rows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL CHECK (kind IN ('report', 'bind')),
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'sent', 'held')),
+        scan_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        next_attempt_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_code INTEGER,
+        last_error TEXT,
+        sent_at INTEGER
+    );
+    CREATE INDEX rows_due ON rows (state, next_attempt_at);
+    CREATE INDEX rows_scan ON rows (scan_id);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Report,
+    Bind,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Report => "report",
+            Kind::Bind => "bind",
+        }
+    }
+    fn parse(s: &str) -> Kind {
+        if s == "bind" {
+            Kind::Bind
+        } else {
+            Kind::Report
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Waiting,
+    Pending,
+    Sent,
+    Held,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Pending => "pending",
+            State::Sent => "sent",
+            State::Held => "held",
+        }
+    }
+    fn parse(s: &str) -> State {
+        match s {
+            "waiting" => State::Waiting,
+            "sent" => State::Sent,
+            "held" => State::Held,
+            _ => State::Pending,
+        }
+    }
+}
+
+/// A row to insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRow {
+    pub request_id: String,
+    pub kind: Kind,
+    pub scan_id: String,
+    /// The API's `req` as JSON.
+    pub payload: String,
+    pub created_at: i64,
+    /// `Some(deadline)`: a waiting default use, due at the deadline.
+    pub wait_until: Option<i64>,
+}
+
+/// A stored row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Row {
+    pub id: i64,
+    pub request_id: String,
+    pub kind: Kind,
+    pub state: State,
+    pub scan_id: String,
+    pub payload: String,
+    pub created_at: i64,
+    pub next_attempt_at: i64,
+    pub attempts: i64,
+    pub last_code: Option<i64>,
+    pub last_error: Option<String>,
+    pub sent_at: Option<i64>,
+}
+
+/// Counts for `status` and `outbox list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    pub waiting: i64,
+    pub pending: i64,
+    pub sent: i64,
+    pub held: i64,
+    /// `created_at` of the oldest waiting or pending row.
+    pub oldest_unsent: Option<i64>,
+    /// Earliest `next_attempt_at` of a waiting or pending row.
+    pub next_due: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("outbox {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("outbox {path}: cannot create its directory: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox {path}: {what} is {got}, not {want}; the file system does not give the durability the outbox needs")]
+    Durability {
+        path: PathBuf,
+        what: &'static str,
+        got: String,
+        want: &'static str,
+    },
+    #[error("outbox {path}: schema version {found} is newer than this agent's {SCHEMA_VERSION}; upgrade the agent")]
+    TooNew { path: PathBuf, found: i64 },
+}
+
+impl StoreError {
+    /// True for a disk that is full or read-only: the pipeline then spills
+    /// to memory instead of failing the scan.
+    pub fn is_disk_trouble(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            StoreError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => matches!(
+                e.code,
+                DiskFull | ReadOnly | CannotOpen | SystemIoFailure | DatabaseBusy | DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
+}
+
+pub struct Store {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl Store {
+    /// Open (creating) the outbox, migrate it, and check durability.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut store = Store {
+            path: path.to_owned(),
+            conn,
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn init(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| self.err(e))?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Durability {
+                path: self.path.clone(),
+                what: "journal_mode",
+                got: mode,
+                want: "wal",
+            });
+        }
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| self.err(e))?;
+        // Read back: FULL is 2.
+        let sync: i64 = self
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if sync != 2 {
+            return Err(StoreError::Durability {
+                path: self.path.clone(),
+                what: "synchronous",
+                got: sync.to_string(),
+                want: "2 (FULL)",
+            });
+        }
+        self.migrate()
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let path = self.path.clone();
+            let tx = self
+                .conn
+                .transaction()
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    source,
+                })?;
+            tx.execute_batch(sql)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|_| tx.commit())
+                .map_err(|source| StoreError::Sqlite { path, source })?;
+            tracing::info!(version = i + 1, "outbox schema migrated");
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Insert rows in one transaction, committed (fsynced) on return.
+    pub fn insert(&mut self, rows: &[NewRow]) -> Result<Vec<i64>, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(wrap)?;
+        let ids = insert_rows(&tx, rows).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(ids)
+    }
+
+    /// HIS sent its own `use` for a scan: drop that scan's *waiting* default
+    /// use (never uploaded) and insert the new rows, in one transaction.
+    /// Returns how many waiting rows were replaced.
+    pub fn replace_waiting(&mut self, scan_id: &str, rows: &[NewRow]) -> Result<usize, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(wrap)?;
+        let n = tx
+            .execute(
+                "DELETE FROM rows WHERE scan_id = ?1 AND state = 'waiting'",
+                params![scan_id],
+            )
+            .map_err(wrap)?;
+        insert_rows(&tx, rows).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(n)
+    }
+
+    /// Rows due at `now`, at most `limit`: half the places for the newest
+    /// rows, the rest for the longest-waiting, so a long backlog never
+    /// starves today's uses and today's uses never starve the backlog.
+    pub fn due(
+        &self,
+        now: i64,
+        limit: usize,
+        exclude: &std::collections::HashSet<i64>,
+    ) -> Result<Vec<Row>, StoreError> {
+        let lim = (limit + exclude.len()) as i64;
+        let q = |order: &str, n: i64| -> Result<Vec<Row>, rusqlite::Error> {
+            let sql = format!(
+                "SELECT {COLS} FROM rows WHERE state IN ('pending', 'waiting') AND next_attempt_at <= ?1 ORDER BY {order} LIMIT ?2"
+            );
+            let mut st = self.conn.prepare_cached(&sql)?;
+            let rows = st.query_map(params![now, n], row_from)?;
+            rows.collect()
+        };
+        let newest = q(
+            "created_at DESC, id DESC",
+            (limit as i64 + 1) / 2 + exclude.len() as i64,
+        )
+        .map_err(|e| self.err(e))?;
+        let oldest = q("next_attempt_at ASC, id ASC", lim).map_err(|e| self.err(e))?;
+        let mut out: Vec<Row> = Vec::with_capacity(limit);
+        let mut seen = std::collections::HashSet::new();
+        for r in newest.into_iter().chain(oldest) {
+            if out.len() >= limit {
+                break;
+            }
+            if !exclude.contains(&r.id) && seen.insert(r.id) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn mark_sent(&mut self, id: i64, now: i64, code: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE rows SET state = 'sent', sent_at = ?2, attempts = attempts + 1, last_code = ?3, last_error = NULL WHERE id = ?1",
+                params![id, now, code],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// A failed attempt: stays pending, next try at `next`.
+    pub fn mark_retry(
+        &mut self,
+        id: i64,
+        next: i64,
+        code: Option<i64>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE rows SET state = 'pending', attempts = attempts + 1, next_attempt_at = ?2, last_code = ?3, last_error = ?4 WHERE id = ?1",
+                params![id, next, code, error],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// A permanent error: parked with its code.
+    pub fn mark_held(&mut self, id: i64, code: Option<i64>, error: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE rows SET state = 'held', attempts = attempts + 1, last_code = ?2, last_error = ?3 WHERE id = ?1",
+                params![id, code, error],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Re-queue held rows (all, or one by id). Returns how many.
+    pub fn retry_held(&mut self, id: Option<i64>, now: i64) -> Result<usize, StoreError> {
+        let n = match id {
+            Some(id) => self.conn.execute(
+                "UPDATE rows SET state = 'pending', next_attempt_at = ?2 WHERE id = ?1 AND state = 'held'",
+                params![id, now],
+            ),
+            None => self
+                .conn
+                .execute("UPDATE rows SET state = 'pending', next_attempt_at = ?1 WHERE state = 'held'", params![now]),
+        };
+        n.map_err(|e| self.err(e))
+    }
+
+    /// Make every pending row due now (`outbox flush`).
+    pub fn make_all_due(&mut self, now: i64) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE rows SET next_attempt_at = ?1 WHERE state IN ('pending', 'waiting') AND next_attempt_at > ?1",
+                params![now],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Delete sent rows sent before `before`. Held rows only if `held`.
+    pub fn purge(&mut self, before: i64, held: bool) -> Result<usize, StoreError> {
+        let mut n = self
+            .conn
+            .execute(
+                "DELETE FROM rows WHERE state = 'sent' AND sent_at < ?1",
+                params![before],
+            )
+            .map_err(|e| self.err(e))?;
+        if held {
+            n += self
+                .conn
+                .execute("DELETE FROM rows WHERE state = 'held'", [])
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(n)
+    }
+
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        let mut c = Counts::default();
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM rows GROUP BY state")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| self.err(e))?;
+        for r in rows {
+            let (s, n) = r.map_err(|e| self.err(e))?;
+            match State::parse(&s) {
+                State::Waiting => c.waiting = n,
+                State::Pending => c.pending = n,
+                State::Sent => c.sent = n,
+                State::Held => c.held = n,
+            }
+        }
+        let (oldest, due): (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT MIN(created_at), MIN(next_attempt_at) FROM rows WHERE state IN ('pending', 'waiting')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        c.oldest_unsent = oldest;
+        c.next_due = due;
+        Ok(c)
+    }
+
+    /// Rows in a state, oldest first, at most `limit`.
+    pub fn list(&self, state: State, limit: usize) -> Result<Vec<Row>, StoreError> {
+        let sql = format!("SELECT {COLS} FROM rows WHERE state = ?1 ORDER BY id LIMIT ?2");
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![state.as_str(), limit as i64], row_from)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn get(&self, id: i64) -> Result<Option<Row>, StoreError> {
+        let sql = format!("SELECT {COLS} FROM rows WHERE id = ?1");
+        self.conn
+            .query_row(&sql, params![id], row_from)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Small persistent settings (the rate-limit hold, why uploads stopped).
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn meta_set(&mut self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let r = match value {
+            Some(v) => self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, v],
+            ),
+            None => self.conn.execute("DELETE FROM meta WHERE key = ?1", params![key]),
+        };
+        r.map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    /// Limit the file's size in pages (tests simulate a full disk with it).
+    pub fn set_max_pages(&self, pages: i64) -> Result<i64, StoreError> {
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))
+    }
+}
+
+const COLS: &str = "id, request_id, kind, state, scan_id, payload, created_at, next_attempt_at, attempts, last_code, last_error, sent_at";
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        id: r.get(0)?,
+        request_id: r.get(1)?,
+        kind: Kind::parse(&r.get::<_, String>(2)?),
+        state: State::parse(&r.get::<_, String>(3)?),
+        scan_id: r.get(4)?,
+        payload: r.get(5)?,
+        created_at: r.get(6)?,
+        next_attempt_at: r.get(7)?,
+        attempts: r.get(8)?,
+        last_code: r.get(9)?,
+        last_error: r.get(10)?,
+        sent_at: r.get(11)?,
+    })
+}
+
+fn insert_rows(tx: &Transaction<'_>, rows: &[NewRow]) -> rusqlite::Result<Vec<i64>> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO rows (request_id, kind, state, scan_id, payload, created_at, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for r in rows {
+        let (state, due) = match r.wait_until {
+            Some(d) => (State::Waiting, d),
+            None => (State::Pending, r.created_at),
+        };
+        st.execute(params![
+            r.request_id,
+            r.kind.as_str(),
+            state.as_str(),
+            r.scan_id,
+            r.payload,
+            r.created_at,
+            due
+        ])?;
+        ids.push(tx.last_insert_rowid());
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn row(rid: &str, scan: &str, at: i64) -> NewRow {
+        NewRow {
+            request_id: rid.into(),
+            kind: Kind::Report,
+            scan_id: scan.into(),
+            payload: "{}".into(),
+            created_at: at,
+            wait_until: None,
+        }
+    }
+
+    #[test]
+    fn opens_durable_and_versioned() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.sqlite");
+        let s = Store::open(&p).unwrap();
+        let v: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let sync: i64 = s
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2);
+        drop(s);
+        // A newer schema is refused rather than misread.
+        let c = Connection::open(&p).unwrap();
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(c);
+        assert!(matches!(Store::open(&p), Err(StoreError::TooNew { .. })));
+    }
+
+    /// Every older version (here: an empty file, version 0, and a v1 file
+    /// with rows) migrates to the current one with its rows intact.
+    #[test]
+    fn migrates_from_every_older_version() {
+        for from in 0..SCHEMA_VERSION {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("o.sqlite");
+            let c = Connection::open(&p).unwrap();
+            for (i, sql) in MIGRATIONS.iter().enumerate().take(from as usize) {
+                c.execute_batch(sql).unwrap();
+                c.pragma_update(None, "user_version", (i + 1) as i64)
+                    .unwrap();
+            }
+            if from >= 1 {
+                c.execute(
+                    "INSERT INTO rows (request_id, kind, state, scan_id, payload, created_at, next_attempt_at) VALUES ('R', 'report', 'pending', 'S', '{}', 1, 1)",
+                    [],
+                )
+                .unwrap();
+            }
+            drop(c);
+            let s = Store::open(&p).unwrap();
+            let v: i64 = s
+                .conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, SCHEMA_VERSION, "from {from}");
+            assert_eq!(s.counts().unwrap().pending, i64::from(from >= 1));
+        }
+    }
+
+    #[test]
+    fn states_and_due_mix_new_and_old() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("o.sqlite")).unwrap();
+        let ids = s
+            .insert(
+                &(0..10)
+                    .map(|i| row(&format!("R{i}"), "S", i))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let none = Default::default();
+        let due = s.due(100, 4, &none).unwrap();
+        let got: Vec<_> = due.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(got, ["R9", "R8", "R0", "R1"], "two newest, two oldest");
+        s.mark_sent(ids[9], 100, 0).unwrap();
+        s.mark_retry(ids[8], 500, Some(-1), "x").unwrap();
+        s.mark_held(ids[7], Some(10042), "bad").unwrap();
+        let c = s.counts().unwrap();
+        assert_eq!(
+            (c.pending, c.sent, c.held, c.oldest_unsent),
+            (8, 1, 1, Some(0))
+        );
+        assert!(s
+            .due(100, 100, &none)
+            .unwrap()
+            .iter()
+            .all(|r| r.id != ids[8]));
+        assert_eq!(s.retry_held(None, 100).unwrap(), 1);
+        assert_eq!(s.purge(101, false).unwrap(), 1);
+        assert_eq!(s.counts().unwrap().sent, 0);
+    }
+
+    #[test]
+    fn waiting_rows_are_replaced_by_his_use() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("o.sqlite")).unwrap();
+        let mut w = row("W", "S1", 10);
+        w.wait_until = Some(40);
+        s.insert(&[w]).unwrap();
+        let none = Default::default();
+        assert!(s.due(39, 10, &none).unwrap().is_empty());
+        assert_eq!(
+            s.due(40, 10, &none).unwrap().len(),
+            1,
+            "due at its deadline"
+        );
+        assert_eq!(s.replace_waiting("S1", &[row("U1", "S1", 20)]).unwrap(), 1);
+        assert_eq!(s.replace_waiting("S1", &[row("U2", "S1", 21)]).unwrap(), 0);
+        let c = s.counts().unwrap();
+        assert_eq!((c.waiting, c.pending), (0, 2));
+    }
+
+    #[test]
+    fn full_disk_is_disk_trouble() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("o.sqlite")).unwrap();
+        let pages: i64 = s
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        s.set_max_pages(pages).unwrap();
+        let big = NewRow {
+            payload: "x".repeat(100_000),
+            ..row("R", "S", 1)
+        };
+        let e = s.insert(&[big]).unwrap_err();
+        assert!(e.is_disk_trouble(), "{e:?}");
+    }
+}
