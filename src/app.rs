@@ -150,11 +150,14 @@ impl App {
                 }
             });
         }
+        let shown = |a: Option<std::net::SocketAddr>| {
+            a.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+        };
         tracing::info!(
             terminal = %cfg.terminal.id,
-            his_unix = ?his_unix,
-            his_tcp = ?his_tcp,
-            his_ws = ?his_ws,
+            his_unix = %his_unix.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into()),
+            his_tcp = %shown(his_tcp),
+            his_ws = %shown(his_ws),
             outbox = %cfg.outbox_path.display(),
             "ehc-agent running"
         );

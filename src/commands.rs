@@ -27,8 +27,10 @@ pub fn init_tracing(verbose: u8, command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal as _;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -37,7 +39,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(a) => run_cmd(a.config.as_deref()),
         Command::Demo { script } => {
-            let ok = runtime()?.block_on(crate::demo::run(script))?;
+            let rt = runtime()?;
+            let ok = rt.block_on(crate::demo::run(script));
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            let ok = ok?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -167,7 +172,12 @@ fn run_cmd(explicit: Option<&Path>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    match runtime()?.block_on(crate::app::run(cfg)) {
+    let rt = runtime()?;
+    let result = rt.block_on(crate::app::run(cfg));
+    // Every task has finished by now, but a stdin scanner's blocking read
+    // cannot be interrupted: do not let it hold the process.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.is_configuration() => {
             eprintln!("ehc-agent: {e}");

@@ -5,4 +5,7 @@
 mod cli;
 mod client;
 mod common;
+mod crash;
+mod daemon;
+mod scan_path;
 mod sim;
