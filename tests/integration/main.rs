@@ -7,5 +7,6 @@ mod client;
 mod common;
 mod crash;
 mod daemon;
+mod his_examples;
 mod scan_path;
 mod sim;

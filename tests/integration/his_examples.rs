@@ -1,0 +1,193 @@
+//! The example HIS clients in `examples/` work against the real daemon:
+//! Python (standard library), shell (socat), and the browser page (headless
+//! Chromium). Each one's `use` reaches the platform with its scene.
+
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+
+use crate::common::*;
+use crate::daemon::*;
+
+fn example(name: &str) -> String {
+    format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn find(names: &[&str]) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|n| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(n))
+            .find(|p| p.is_file())
+            .map(|p| p.display().to_string())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_client() {
+    let Some(python) = find(&["python3"]) else {
+        eprintln!("SKIPPED python_example_client: python3 not installed");
+        return;
+    };
+    let sim = sim().await;
+    let mut d = Daemon::start(&sim).await;
+    let child = Command::new(python)
+        .arg(example("his-client.py"))
+        .args([
+            "--unix",
+            d.path().join("his.sock").to_str().unwrap(),
+            "--use",
+            "010104",
+            "--count",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The client may not be connected yet: the agent holds the card for it.
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("\"type\": \"card\"") && stdout.contains("测试甲"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"type\": \"reply\""), "{stdout}");
+    until_sim(&sim, "the python client's use", |s| {
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_example_client() {
+    if find(&["socat"]).is_none() {
+        eprintln!("SKIPPED shell_example_client: socat not installed (.ci/run installs it; or apt-get install socat)");
+        return;
+    }
+    let sim = sim().await;
+    let mut d = Daemon::start(&sim).await;
+    let mut child = Command::new("sh")
+        .arg(example("his-client.sh"))
+        .arg(d.path().join("his.sock"))
+        .args(["010103"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    d.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
+    until_sim(&sim, "the shell client's use", |s| {
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010103"))
+    })
+    .await;
+    // The script runs until killed, as an HIS helper would.
+    Command::new("kill")
+        .arg("--")
+        .arg(format!("-{}", child.id()))
+        .status()
+        .unwrap();
+    let _ = child.wait();
+    let mut stdout = String::new();
+    use std::io::Read as _;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(
+        stdout.contains("\"type\":\"card\"") && stdout.contains("\"type\":\"reply\""),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_example_page() {
+    let Some(chromium) = find(&["chromium", "chromium-browser", "google-chrome"]) else {
+        eprintln!("SKIPPED browser_example_page: no Chromium (.ci/run installs it; or apt-get install chromium)");
+        return;
+    };
+    // Serve the page over HTTP, as an HIS web server would.
+    let page = std::fs::read(example("his-page.html")).unwrap();
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", web.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut s, _)) = web.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", page.len());
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&page).await;
+            });
+        }
+    });
+    let sim = sim().await;
+    let mut d = Daemon::start_with(
+        &sim,
+        Options {
+            allowed_origins: vec![origin.clone()],
+            ..Options::default()
+        },
+    )
+    .await;
+    // Scanned before the page opens: held for the first client.
+    d.scan(&sim.with_state(|s| s.static_code(3)).unwrap());
+    let url = format!("{origin}/his-page.html?ws=ws://{}&scene=010106", d.ws);
+    let profile = tempfile::tempdir().unwrap();
+    // Chromium stays on the page until killed; the page's own `use` reaching
+    // the platform proves it connected, received the held card and used its
+    // scanId.
+    let mut browser = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let st = until_sim(&sim, "the page's use", |s| {
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
+    })
+    .await;
+    Command::new("kill")
+        .arg("--")
+        .arg(format!("-{}", browser.id()))
+        .status()
+        .unwrap();
+    let _ = browser.wait();
+    let card3 = sim.with_state(|s| s.static_code(3)).unwrap();
+    assert!(st["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["scene"] == "010106" && r["qrCodeText"] == card3.as_str()));
+    assert!(d.log().contains("HIS client connected (websocket)"));
+}
