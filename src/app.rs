@@ -123,6 +123,7 @@ impl App {
                 batch: cfg.outbox.batch as usize,
                 concurrency: cfg.outbox.concurrency as usize,
                 retention_days: cfg.outbox.retention_days,
+                clock: uploader::wall_clock(),
             },
             cancel.clone(),
         ));

@@ -46,6 +46,8 @@ pub struct UploadStatus {
     pub disk_fault: Option<String>,
     pub uploaded: u64,
     pub failed_attempts: u64,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: u64,
 }
 
 #[derive(Clone)]
@@ -58,6 +60,8 @@ struct Inner {
     spill: Mutex<VecDeque<SpillItem>>,
     status: Mutex<UploadStatus>,
     wake: Notify,
+    /// Bumped after each full pass of the uploader's loop.
+    passes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Rows that could not be committed, with what to do with them once they can.
@@ -94,6 +98,7 @@ impl Outbox {
                 spill: Mutex::new(VecDeque::new()),
                 status: Mutex::new(status),
                 wake: Notify::new(),
+                passes: tokio::sync::watch::channel(0).0,
             }),
         })
     }
@@ -186,6 +191,47 @@ impl Outbox {
 
     pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.inner.wake.notified()
+    }
+
+    pub(crate) fn pass_done(&self) {
+        self.inner.passes.send_modify(|n| *n += 1);
+    }
+
+    /// Wake the uploader and wait until it has made a full pass that began
+    /// after this call: whatever was changed before is then acted on (calls
+    /// dispatched, holds respected). For tests and `outbox flush`.
+    pub async fn settle(&self) {
+        let mut rx = self.inner.passes.subscribe();
+        // Two passes: the first may have begun before the change.
+        for _ in 0..2 {
+            rx.borrow_and_update();
+            self.wake();
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Wait (up to `limit`) until `cond` holds on the upload status, checking
+    /// after each pass of the uploader. `false` if it never did.
+    pub async fn wait_status(
+        &self,
+        limit: std::time::Duration,
+        cond: impl Fn(&UploadStatus) -> bool,
+    ) -> bool {
+        let mut rx = self.inner.passes.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if cond(&self.status()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return cond(&self.status());
+            }
+        }
     }
 
     /// Clear a configuration stop and a rate-limit hold, and wake the

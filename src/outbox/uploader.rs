@@ -38,11 +38,20 @@ const SPILL_RETRY: Duration = Duration::from_secs(5);
 /// How often sent rows past their retention are purged.
 const PURGE_EVERY_S: i64 = 3600;
 
-#[derive(Debug, Clone)]
+/// The uploader's wall clock (Unix seconds). Injectable so a test can let a
+/// simulated day pass.
+pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn wall_clock() -> Clock {
+    std::sync::Arc::new(clock::now_unix)
+}
+
+#[derive(Clone)]
 pub struct UploaderSettings {
     pub batch: usize,
     pub concurrency: usize,
     pub retention_days: u32,
+    pub clock: Clock,
 }
 
 /// Seconds until the next attempt for a row of age `age_s`: uniform in
@@ -120,7 +129,8 @@ pub async fn run(
     let mut in_flight: JoinSet<(Row, Result<(), CallError>)> = JoinSet::new();
     let mut flying: HashSet<i64> = HashSet::new();
     let mut queue: VecDeque<Row> = VecDeque::new();
-    let mut next_purge = clock::now_unix();
+    let now_fn = settings.clock.clone();
+    let mut next_purge = now_fn();
     let concurrency = settings.concurrency.max(1);
     loop {
         // Register for a wake-up before looking, so none is missed.
@@ -128,7 +138,7 @@ pub async fn run(
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        let now = clock::now_unix();
+        let now = now_fn();
         if outbox.spilled() > 0 {
             outbox.flush_spill().await;
         }
@@ -202,12 +212,15 @@ pub async fn run(
             secs_until(wake_at, now)
         };
 
+        // A full pass is done: everything changed before it began has been
+        // seen (tests wait on this instead of sleeping).
+        outbox.pass_done();
         tokio::select! {
             _ = cancel.cancelled() => break,
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Ok((row, result)) = done {
                     flying.remove(&row.id);
-                    settle(&outbox, row, result).await;
+                    settle(&outbox, row, result, now_fn()).await;
                 }
             }
             _ = &mut notified => {}
@@ -225,9 +238,12 @@ fn secs_until(t: i64, now: i64) -> Duration {
 }
 
 /// Write the outcome of one attempt.
-async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>) {
-    let now = clock::now_unix();
+async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>, now: i64) {
     let out = outcome(result);
+    // The first success after failures: the platform is back. Rows that
+    // backed off during the outage (up to an hour) become due now, so a
+    // backlog drains at the platform's pace, not its backoff's.
+    let recovered = matches!(out, Outcome::Sent(_)) && outbox.status().consecutive_failures > 0;
     let id = row.id;
     let age = now - row.created_at;
     let kind = row.kind.as_str();
@@ -238,6 +254,7 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>) {
             outbox.update_status(|s| {
                 s.last_success_at = Some(now);
                 s.uploaded += 1;
+                s.consecutive_failures = 0;
             });
         }
         Outcome::Retry(code, msg) => {
@@ -245,6 +262,7 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>) {
             outbox.update_status(|s| {
                 s.last_error = Some(msg.clone());
                 s.failed_attempts += 1;
+                s.consecutive_failures += 1;
             });
         }
         Outcome::RateLimited(code, msg) => {
@@ -254,6 +272,7 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>) {
                 s.rate_limited_until = Some(until);
                 s.last_error = Some(msg.clone());
                 s.failed_attempts += 1;
+                s.consecutive_failures += 1;
             });
             let _ = outbox
                 .with_store(move |s| s.meta_set(META_RATE_LIMIT, Some(&until.to_string())))
@@ -264,6 +283,7 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>) {
             outbox.update_status(|s| {
                 s.last_error = Some(msg.clone());
                 s.failed_attempts += 1;
+                s.consecutive_failures += 1;
             });
         }
         Outcome::Stop(code, msg) => {
@@ -275,12 +295,20 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>) {
                 });
                 s.last_error = Some(msg.clone());
                 s.failed_attempts += 1;
+                s.consecutive_failures += 1;
             });
         }
     }
     let r = outbox
         .with_store(move |s| {
-            let now = clock::now_unix();
+            if recovered {
+                match s.make_all_due(now) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(rows = n, "platform reachable again: backlog due now")
+                    }
+                    _ => {}
+                }
+            }
             match out {
                 Outcome::Sent(code) => s.mark_sent(id, now, code),
                 Outcome::Retry(code, msg) => {

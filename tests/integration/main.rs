@@ -8,5 +8,6 @@ mod common;
 mod crash;
 mod daemon;
 mod his_examples;
+mod outbox;
 mod scan_path;
 mod sim;
