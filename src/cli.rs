@@ -38,6 +38,45 @@ pub enum Command {
     Sign(SignArgs),
     /// Run the platform simulator (for HIS vendors, tests and outage rehearsals).
     Sim(SimArgs),
+    /// Inspect and operate the outbox (every use until the platform has it).
+    Outbox(OutboxArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    /// Configuration file (for the outbox path, and the platform for `flush`).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// The outbox file itself, when the configuration cannot be read.
+    #[arg(long, global = true)]
+    pub outbox: Option<PathBuf>,
+    #[command(subcommand)]
+    pub action: OutboxAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// Counts by state, the oldest pending use's age, and the held rows with their result codes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-queue a held row (by id) or every held row, once the cause is fixed.
+    Retry {
+        /// Row id from `outbox list`.
+        id: Option<i64>,
+        #[arg(long, conflicts_with = "id")]
+        held: bool,
+    },
+    /// Upload everything now, with a progress bar; fails with the reason if uploads are stopped.
+    Flush,
+    /// Delete sent rows; held rows too with --held --yes.
+    Purge {
+        #[arg(long)]
+        held: bool,
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]

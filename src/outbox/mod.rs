@@ -14,6 +14,7 @@
 //! * SQLite calls run on the blocking pool: an fsync must not stall the
 //!   async workers that serve HIS clients.
 
+pub mod report;
 pub mod store;
 pub mod uploader;
 
@@ -210,6 +211,12 @@ impl Outbox {
                 return;
             }
         }
+    }
+
+    /// Wait for the uploader's next pass, at most `limit`.
+    pub async fn next_pass(&self, limit: std::time::Duration) {
+        let mut rx = self.inner.passes.subscribe();
+        let _ = tokio::time::timeout(limit, rx.changed()).await;
     }
 
     /// Wait (up to `limit`) until `cond` holds on the upload status, checking

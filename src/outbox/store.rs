@@ -707,3 +707,146 @@ mod tests {
         assert!(e.is_disk_trouble(), "{e:?}");
     }
 }
+
+/// The outbox against an in-memory model, under random sequences of
+/// operations including crashes (the connection leaked, never closed, as a
+/// killed process leaves it) and restarts.
+#[cfg(test)]
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashSet};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Record(u8),
+        Claim(u8),
+        Ack(u8),
+        Retry(u8, u16),
+        Hold(u8),
+        Stop(u8),
+        Crash,
+        Restart,
+        Purge(u16),
+        Advance(u16),
+        RetryHeld,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u8..4).prop_map(Op::Record),
+            4 => (1u8..8).prop_map(Op::Claim),
+            3 => any::<u8>().prop_map(Op::Ack),
+            2 => (any::<u8>(), 0u16..4000).prop_map(|(i, d)| Op::Retry(i, d)),
+            1 => any::<u8>().prop_map(Op::Hold),
+            1 => any::<u8>().prop_map(Op::Stop),
+            1 => Just(Op::Crash),
+            1 => Just(Op::Restart),
+            1 => (0u16..5000).prop_map(Op::Purge),
+            2 => (0u16..5000).prop_map(Op::Advance),
+            1 => Just(Op::RetryHeld),
+        ]
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct M {
+        request_id: String,
+        state: State,
+        next: i64,
+        sent_at: Option<i64>,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+        #[test]
+        fn outbox_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("o.sqlite");
+            let mut store = Store::open(&path).unwrap();
+            let mut model: BTreeMap<i64, M> = BTreeMap::new();
+            let mut claimed: Vec<i64> = Vec::new();
+            let mut now: i64 = 1_000_000;
+            let mut next_rid = 0u32;
+            for op in ops {
+                match op {
+                    Op::Record(n) => {
+                        let rows: Vec<NewRow> = (0..n).map(|_| {
+                            next_rid += 1;
+                            NewRow { request_id: format!("{next_rid:032X}"), kind: Kind::Report, scan_id: "S".into(), payload: "{}".into(), created_at: now, wait_until: None }
+                        }).collect();
+                        let ids = store.insert(&rows).unwrap();
+                        for (id, r) in ids.into_iter().zip(rows) {
+                            prop_assert!(!model.contains_key(&id), "row id reused");
+                            model.insert(id, M { request_id: r.request_id, state: State::Pending, next: now, sent_at: None });
+                        }
+                    }
+                    Op::Claim(n) => {
+                        let exclude: HashSet<i64> = claimed.iter().copied().collect();
+                        let due = store.due(now, n as usize, &exclude).unwrap();
+                        prop_assert!(due.len() <= n as usize);
+                        for r in due {
+                            let m = &model[&r.id];
+                            prop_assert_eq!(m.state, State::Pending, "only pending rows are due");
+                            prop_assert!(m.next <= now, "not due yet");
+                            prop_assert!(!claimed.contains(&r.id), "claimed twice");
+                            prop_assert_eq!(&r.request_id, &m.request_id, "requestId changed");
+                            claimed.push(r.id);
+                        }
+                        // Every due, unclaimed row is eventually offered: with
+                        // a large enough limit, all of them are.
+                        let exclude: HashSet<i64> = claimed.iter().copied().collect();
+                        let all = store.due(now, 10_000, &exclude).unwrap().len();
+                        let expect = model.iter().filter(|(id, m)| m.state == State::Pending && m.next <= now && !exclude.contains(id)).count();
+                        prop_assert_eq!(all, expect);
+                    }
+                    Op::Ack(i) | Op::Hold(i) | Op::Stop(i) | Op::Retry(i, _) if !claimed.is_empty() => {
+                        let id = claimed.remove(i as usize % claimed.len());
+                        let m = model.get_mut(&id).unwrap();
+                        match op {
+                            Op::Ack(_) => { store.mark_sent(id, now, 0).unwrap(); m.state = State::Sent; m.sent_at = Some(now); }
+                            Op::Hold(_) => { store.mark_held(id, Some(10042), "x").unwrap(); m.state = State::Held; }
+                            Op::Stop(_) => { store.mark_retry(id, now, Some(21006), "x").unwrap(); m.next = now; }
+                            Op::Retry(_, d) => { store.mark_retry(id, now + i64::from(d), Some(-1), "x").unwrap(); m.next = now + i64::from(d); }
+                            _ => unreachable!(),
+                        }
+                    }
+                    Op::Ack(_) | Op::Hold(_) | Op::Stop(_) | Op::Retry(..) => {}
+                    Op::Crash => {
+                        // In-flight claims die with the process; the file stays.
+                        std::mem::forget(store);
+                        store = Store::open(&path).unwrap();
+                        claimed.clear();
+                    }
+                    Op::Restart => {
+                        drop(store);
+                        store = Store::open(&path).unwrap();
+                        claimed.clear();
+                    }
+                    Op::Purge(age) => {
+                        let before = now - i64::from(age);
+                        store.purge(before, false).unwrap();
+                        model.retain(|_, m| !(m.state == State::Sent && m.sent_at.is_some_and(|t| t < before)));
+                    }
+                    Op::Advance(d) => now += i64::from(d),
+                    Op::RetryHeld => {
+                        store.retry_held(None, now).unwrap();
+                        for m in model.values_mut().filter(|m| m.state == State::Held) {
+                            m.state = State::Pending;
+                            m.next = now;
+                        }
+                    }
+                }
+                // The file and the model agree on every row: nothing lost,
+                // nothing extra, requestIds unchanged, held rows stay held.
+                let mut stored: BTreeMap<i64, (String, State)> = BTreeMap::new();
+                for st in [State::Pending, State::Sent, State::Held, State::Waiting] {
+                    for r in store.list(st, 100_000).unwrap() {
+                        stored.insert(r.id, (r.request_id, r.state));
+                    }
+                }
+                let expected: BTreeMap<i64, (String, State)> = model.iter().map(|(id, m)| (*id, (m.request_id.clone(), m.state))).collect();
+                prop_assert_eq!(stored, expected);
+            }
+        }
+    }
+}

@@ -9,5 +9,6 @@ mod crash;
 mod daemon;
 mod his_examples;
 mod outbox;
+mod outbox_cli;
 mod scan_path;
 mod sim;

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
+mod outbox;
+
 use crate::cli::{Cli, Command, SignArgs, SimAction, SimArgs};
 use crate::config::{self, ConfigError, Env};
 use crate::platform::sign;
@@ -50,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Check(a) => Ok(check(a.config.as_deref(), &Env::from_process())),
+        Command::Outbox(a) => outbox::run(a),
         Command::Sign(a) => sign_cmd(a),
         Command::Sim(a) => sim_cmd(a),
     }
@@ -155,7 +158,7 @@ pub fn sign_report(envelope: &str, secret: &str) -> anyhow::Result<SignReport> {
     Ok(SignReport { text, matches })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
