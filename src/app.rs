@@ -78,7 +78,10 @@ impl App {
         if !unsupported.is_empty() {
             return Err(StartError::UnsupportedScanners(unsupported.join(", ")));
         }
-        let outbox = Outbox::open(&cfg.outbox_path)?;
+        let (outbox, degraded) = Outbox::open_or_degraded(&cfg.outbox_path)?;
+        if let Some(e) = degraded {
+            tracing::error!(error = %e, "outbox cannot be opened: starting degraded, uses are kept in memory until the state directory takes writes (a crash now loses them)");
+        }
         let client = Client::new(ClientSettings::from_config(cfg))?;
         let hub = Hub::new(Duration::from_secs(cfg.his.hold_s));
         let pipeline = Arc::new(Pipeline::new(

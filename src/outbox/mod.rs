@@ -11,6 +11,12 @@
 //!   on its timer). A crash while uses sit in the spill loses them: that is
 //!   the price of serving the patient when the disk cannot take a write, and
 //!   the reason it is loud.
+//! * A state directory that cannot be written when the agent starts
+//!   (read-only mount, wrong owner) does not stop the agent either: it starts
+//!   *degraded*, every use goes to the spill, and the outbox is opened as
+//!   soon as the directory takes writes (each commit and each uploader pass
+//!   tries). A file that opens but refuses WAL or `synchronous=FULL`, or has
+//!   a newer schema, still refuses the start: that is not a passing fault.
 //! * SQLite calls run on the blocking pool: an fsync must not stall the
 //!   async workers that serve HIS clients.
 
@@ -57,7 +63,9 @@ pub struct Outbox {
 }
 
 struct Inner {
-    store: Mutex<Store>,
+    path: std::path::PathBuf,
+    /// `None` while the file cannot be opened (degraded start).
+    store: Mutex<Option<Store>>,
     spill: Mutex<VecDeque<SpillItem>>,
     status: Mutex<UploadStatus>,
     wake: Notify,
@@ -83,34 +91,76 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a failure to open the outbox is the disk's passing trouble
+/// (start degraded) rather than a file that cannot give the guarantees.
+fn can_start_degraded(e: &StoreError) -> bool {
+    match e {
+        StoreError::Dir { .. } => true,
+        StoreError::Sqlite { .. } => {
+            e.is_disk_trouble()
+                || matches!(e, StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(f, _), .. } if f.code == rusqlite::ErrorCode::PermissionDenied)
+        }
+        StoreError::Durability { .. } | StoreError::TooNew { .. } => false,
+    }
+}
+
 impl Outbox {
+    /// Open the outbox; refuse if it cannot be opened.
     pub fn open(path: &Path) -> Result<Outbox, StoreError> {
         let store = Store::open(path)?;
+        Ok(Self::with(path, Some(store)))
+    }
+
+    /// Open the outbox, or start degraded when the disk refuses for now
+    /// (the error is returned to be reported).
+    pub fn open_or_degraded(path: &Path) -> Result<(Outbox, Option<StoreError>), StoreError> {
+        match Store::open(path) {
+            Ok(store) => Ok((Self::with(path, Some(store)), None)),
+            Err(e) if can_start_degraded(&e) => {
+                let o = Self::with(path, None);
+                o.update_status(|s| s.disk_fault = Some(e.to_string()));
+                Ok((o, Some(e)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn with(path: &Path, store: Option<Store>) -> Outbox {
+        let now = crate::clock::now_unix();
         let status = UploadStatus {
             rate_limited_until: store
-                .meta_get(uploader::META_RATE_LIMIT)?
+                .as_ref()
+                .and_then(|s| s.meta_get(uploader::META_RATE_LIMIT).ok().flatten())
                 .and_then(|v| v.parse().ok())
-                .filter(|t| *t > crate::clock::now_unix()),
+                .filter(|t| *t > now),
             ..UploadStatus::default()
         };
-        Ok(Outbox {
+        Outbox {
             inner: Arc::new(Inner {
+                path: path.to_owned(),
                 store: Mutex::new(store),
                 spill: Mutex::new(VecDeque::new()),
                 status: Mutex::new(status),
                 wake: Notify::new(),
                 passes: tokio::sync::watch::channel(0).0,
             }),
-        })
+        }
     }
 
-    /// Run `f` on the store on the blocking pool.
+    /// Run `f` on the store on the blocking pool (opening it first if the
+    /// agent started degraded).
     pub async fn with_store<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Store) -> R + Send + 'static,
-    ) -> R {
+        f: impl FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || f(&mut lock(&inner.store))).await {
+        match tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&inner.store);
+            let store = ensure_open(&inner, &mut guard)?;
+            f(store)
+        })
+        .await
+        {
             Ok(r) => r,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
@@ -130,9 +180,16 @@ impl Outbox {
     async fn commit(&self, item: SpillItem) -> bool {
         let inner = self.inner.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            let mut store = lock(&inner.store);
+            let mut guard = lock(&inner.store);
+            let store = match ensure_open(&inner, &mut guard) {
+                Ok(s) => s,
+                Err(e) => {
+                    spill(&inner, item, &e);
+                    return false;
+                }
+            };
             // Older spilled uses first, to keep their order.
-            flush_spill(&inner, &mut store);
+            flush_spill(&inner, store);
             let result = match &item {
                 SpillItem::Insert(rows) => store.insert(rows).map(|_| ()),
                 SpillItem::Replace(scan, rows) => store.replace_waiting(scan, rows).map(|_| ()),
@@ -160,8 +217,11 @@ impl Outbox {
     pub async fn flush_spill(&self) -> usize {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut store = lock(&inner.store);
-            flush_spill(&inner, &mut store)
+            let mut guard = lock(&inner.store);
+            match ensure_open(&inner, &mut guard) {
+                Ok(store) => flush_spill(&inner, store),
+                Err(_) => lock(&inner.spill).iter().map(SpillItem::len).sum(),
+            }
         })
         .await
         .unwrap_or(0)
@@ -253,6 +313,19 @@ impl Outbox {
             .await;
         self.wake();
     }
+}
+
+/// The open store, opening it now if the agent started degraded.
+fn ensure_open<'a>(
+    inner: &Inner,
+    slot: &'a mut Option<Store>,
+) -> Result<&'a mut Store, StoreError> {
+    if slot.is_none() {
+        let store = Store::open(&inner.path)?;
+        tracing::warn!(path = %inner.path.display(), "outbox opened: the state directory takes writes again");
+        *slot = Some(store);
+    }
+    Ok(slot.as_mut().expect("just opened"))
 }
 
 fn spill(inner: &Inner, item: SpillItem, e: &StoreError) {

@@ -228,14 +228,20 @@ impl Client {
             }
         }
         let http = b.build().map_err(|e| BuildError::Http(e.to_string()))?;
-        let tokens = TokenStore::open(
-            settings.state_path.as_deref(),
-            Identity {
-                base_url: settings.base_url.clone(),
-                app_id: settings.app_id.clone(),
-                hospital_id: settings.hospital_id.clone(),
-            },
-        )?;
+        let identity = Identity {
+            base_url: settings.base_url.clone(),
+            app_id: settings.app_id.clone(),
+            hospital_id: settings.hospital_id.clone(),
+        };
+        // A state directory that cannot be written must not stop the scan
+        // path: the token is then kept in memory (a restart fetches a new one).
+        let tokens = match TokenStore::open(settings.state_path.as_deref(), identity.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "token state cannot be opened; keeping the app token in memory only");
+                TokenStore::open(None, identity)?
+            }
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 http,

@@ -32,6 +32,8 @@ pub struct Options {
     pub allowed_origins: Vec<String>,
     pub socket_group: Option<String>,
     pub base_url: Option<String>,
+    /// Outbox file, relative to the daemon's directory.
+    pub outbox_path: String,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             allowed_origins: vec!["https://his.example-hospital.cn".into()],
             socket_group: None,
             base_url: None,
+            outbox_path: "outbox.sqlite".into(),
         }
     }
 }
@@ -100,7 +103,7 @@ hold_s = 30
 {group}
 {his_extra}
 [outbox]
-path = "outbox.sqlite"
+path = "{outbox}"
 {extra}
 "#,
             base = o.base_url.unwrap_or_else(|| sim.base_url()),
@@ -109,6 +112,7 @@ path = "outbox.sqlite"
             origins = origins.join(", "),
             extra = o.extra_toml,
             his_extra = o.his_extra,
+            outbox = o.outbox_path,
         );
         std::fs::write(dir.path().join("agent.toml"), cfg).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ehc-agent"))

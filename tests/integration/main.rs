@@ -7,6 +7,7 @@ mod client;
 mod common;
 mod crash;
 mod daemon;
+mod disk;
 mod his_examples;
 mod outbox;
 mod outbox_cli;
