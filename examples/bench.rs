@@ -132,14 +132,25 @@ async fn commit(n: usize, dir: PathBuf) {
     let rate = n as f64 / t0.elapsed().as_secs_f64();
     lat.sort();
     println!("disk: {}", dir.canonicalize().unwrap_or(dir).display());
-    println!("raw write+fdatasync:   {raw_rate:>8.0} /s   p50 {}  p99 {}", ms(percentile(&raw_lat, 0.5)), ms(percentile(&raw_lat, 0.99)));
-    println!("uses committed:        {rate:>8.0} /s   p50 {}  p99 {}   ({:.0}% of raw fsync rate)", ms(percentile(&lat, 0.5)), ms(percentile(&lat, 0.99)), 100.0 * rate / raw_rate);
+    println!(
+        "raw write+fdatasync:   {raw_rate:>8.0} /s   p50 {}  p99 {}",
+        ms(percentile(&raw_lat, 0.5)),
+        ms(percentile(&raw_lat, 0.99))
+    );
+    println!(
+        "uses committed:        {rate:>8.0} /s   p50 {}  p99 {}   ({:.0}% of raw fsync rate)",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+        100.0 * rate / raw_rate
+    );
 }
 
 async fn drain(rows: usize, latency_ms: u64, concurrency: usize) {
     let mut cfg = SimConfig::default();
     cfg.faults.latency_ms = latency_ms;
-    let sim = SimServer::start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = SimServer::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let client = Client::new(client_settings(&sim)).unwrap();
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     // The round trip of one upload, token already held.
@@ -147,7 +158,10 @@ async fn drain(rows: usize, latency_ms: u64, concurrency: usize) {
     let one = || async {
         let t = Instant::now();
         rtt_client
-            .call::<ehc_agent::platform::api::ReportHisData>(&serde_json::from_value(serde_json::from_str(&row(&qr).payload).unwrap()).unwrap(), CallOptions::upload(ehc_agent::platform::client::new_request_id()))
+            .call::<ehc_agent::platform::api::ReportHisData>(
+                &serde_json::from_value(serde_json::from_str(&row(&qr).payload).unwrap()).unwrap(),
+                CallOptions::upload(ehc_agent::platform::client::new_request_id()),
+            )
             .await
             .unwrap();
         t.elapsed()
@@ -187,13 +201,20 @@ async fn drain(rows: usize, latency_ms: u64, concurrency: usize) {
     cancel.cancel();
     let rate = rows as f64 / took.as_secs_f64();
     let ideal = concurrency as f64 / rtt.as_secs_f64();
-    println!("simulator latency {latency_ms} ms; measured upload round trip p50 {}", ms(rtt));
+    println!(
+        "simulator latency {latency_ms} ms; measured upload round trip p50 {}",
+        ms(rtt)
+    );
     println!("drained {rows} rows in {:.2} s: {rate:.1} rows/s; ideal concurrency/RTT = {concurrency}/{} = {ideal:.1} rows/s ({:.0}%)", took.as_secs_f64(), ms(rtt), 100.0 * rate / ideal);
 }
 
 async fn scan(n: usize, dir: PathBuf) {
     let tmp = tempfile::tempdir_in(&dir).unwrap();
-    let sim = Arc::new(SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap());
+    let sim = Arc::new(
+        SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap(),
+    );
     let secret = tmp.path().join("app_secret");
     std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -207,25 +228,42 @@ async fn scan(n: usize, dir: PathBuf) {
     );
     let cfg = config::parse(&text, tmp.path(), &Env::default()).unwrap();
     let app = ehc_agent::app::App::start(&cfg).await.unwrap();
-    let stream = tokio::net::UnixStream::connect(app.his_unix.as_ref().unwrap()).await.unwrap();
+    let stream = tokio::net::UnixStream::connect(app.his_unix.as_ref().unwrap())
+        .await
+        .unwrap();
     let mut lines = tokio::io::BufReader::new(stream).lines();
     lines.next_line().await.unwrap(); // hello
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     // The platform call alone, for comparison.
     let client = Client::new(client_settings(&sim)).unwrap();
-    let req = QrCodeReq { qr_code_text: qr.clone() };
-    client.call::<GetHealthCardByQrCode>(&req, CallOptions::scan()).await.unwrap();
+    let req = QrCodeReq {
+        qr_code_text: qr.clone(),
+    };
+    client
+        .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+        .await
+        .unwrap();
     let mut platform = Vec::new();
     for _ in 0..n.min(200) {
         let t = Instant::now();
-        client.call::<GetHealthCardByQrCode>(&req, CallOptions::scan()).await.unwrap();
+        client
+            .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+            .await
+            .unwrap();
         platform.push(t.elapsed());
     }
     platform.sort();
     let mut lat = Vec::with_capacity(n);
     for _ in 0..n + 10 {
         let t = Instant::now();
-        app.scans.send(ehc_agent::scanner::Scan { scanner: "bench".into(), text: qr.clone(), at: ehc_agent::clock::now_unix() }).await.unwrap();
+        app.scans
+            .send(ehc_agent::scanner::Scan {
+                scanner: "bench".into(),
+                text: qr.clone(),
+                at: ehc_agent::clock::now_unix(),
+            })
+            .await
+            .unwrap();
         loop {
             let l = lines.next_line().await.unwrap().unwrap();
             if l.contains("\"type\":\"card\"") {
@@ -242,17 +280,36 @@ async fn scan(n: usize, dir: PathBuf) {
     let (_, fsync) = raw_fsync(tmp.path(), 200);
     app.shutdown().await;
     println!("scan-to-HIS (scan in → card read on the Unix socket), {n} scans, simulator at zero latency:");
-    println!("  total            p50 {}  p99 {}", ms(percentile(&lat, 0.5)), ms(percentile(&lat, 0.99)));
-    println!("  platform call    p50 {}  p99 {}  (getHealthCardByQRCode to the simulator alone)", ms(percentile(&platform, 0.5)), ms(percentile(&platform, 0.99)));
-    println!("  agent's own      p50 {}  (total minus platform call, medians)", ms(percentile(&lat, 0.5).saturating_sub(percentile(&platform, 0.5))));
-    println!("  one fdatasync    p50 {}  p99 {}  (the bound of the commit before delivery)", ms(percentile(&fsync, 0.5)), ms(percentile(&fsync, 0.99)));
+    println!(
+        "  total            p50 {}  p99 {}",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99))
+    );
+    println!(
+        "  platform call    p50 {}  p99 {}  (getHealthCardByQRCode to the simulator alone)",
+        ms(percentile(&platform, 0.5)),
+        ms(percentile(&platform, 0.99))
+    );
+    println!(
+        "  agent's own      p50 {}  (total minus platform call, medians)",
+        ms(percentile(&lat, 0.5).saturating_sub(percentile(&platform, 0.5)))
+    );
+    println!(
+        "  one fdatasync    p50 {}  p99 {}  (the bound of the commit before delivery)",
+        ms(percentile(&fsync, 0.5)),
+        ms(percentile(&fsync, 0.99))
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     match Args::parse().what {
         What::Commit { n, dir } => commit(n, dir).await,
-        What::Drain { rows, latency_ms, concurrency } => drain(rows, latency_ms, concurrency).await,
+        What::Drain {
+            rows,
+            latency_ms,
+            concurrency,
+        } => drain(rows, latency_ms, concurrency).await,
         What::Scan { n, dir } => scan(n, dir).await,
     }
 }

@@ -25,6 +25,7 @@ use crate::outbox::{Outbox, StoreError};
 use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::platform::client::BuildError;
 use crate::platform::{Client, ClientSettings};
+use crate::scanner::device::ScannerStates;
 use crate::scanner::{self, Scan};
 
 /// Scans resolved at the same time (each may wait on the platform).
@@ -34,8 +35,6 @@ const SCAN_QUEUE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("scanner kind not available in this build: {0}; remove them or use kind = \"stdin\"")]
-    UnsupportedScanners(String),
     #[error(transparent)]
     Outbox(#[from] StoreError),
     #[error(transparent)]
@@ -50,8 +49,7 @@ impl StartError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            StartError::UnsupportedScanners(_)
-                | StartError::His(crate::his::server::HisError::NoSuchGroup(_))
+            StartError::His(crate::his::server::HisError::NoSuchGroup(_))
         )
     }
 }
@@ -67,6 +65,8 @@ pub struct App {
     pub his_ws: Option<std::net::SocketAddr>,
     /// Inject scans (what `ehc-agent scan` will use through the control socket).
     pub scans: mpsc::Sender<Scan>,
+    /// Each configured device scanner's state.
+    pub scanners: ScannerStates,
     cancel: CancellationToken,
     tracker: TaskTracker,
     scan_tasks: TaskTracker,
@@ -74,10 +74,6 @@ pub struct App {
 
 impl App {
     pub async fn start(cfg: &Config) -> Result<App, StartError> {
-        let unsupported = scanner::unsupported_kinds(&cfg.scanners);
-        if !unsupported.is_empty() {
-            return Err(StartError::UnsupportedScanners(unsupported.join(", ")));
-        }
         let (outbox, degraded) = Outbox::open_or_degraded(&cfg.outbox_path)?;
         if let Some(e) = degraded {
             tracing::error!(error = %e, "outbox cannot be opened: starting degraded, uses are kept in memory until the state directory takes writes (a crash now loses them)");
@@ -140,6 +136,15 @@ impl App {
             scan_tasks.clone(),
         ));
 
+        let scanners = ScannerStates::default();
+        for s in cfg.scanners.iter().filter(|s| s.kind != ScannerKind::Stdin) {
+            tracker.spawn(scanner::device::run(
+                s.clone(),
+                tx.clone(),
+                scanners.clone(),
+                cancel.clone(),
+            ));
+        }
         for s in cfg.scanners.iter().filter(|s| s.kind == ScannerKind::Stdin) {
             let (name, debounce, tx) = (
                 s.name.clone(),
@@ -174,6 +179,7 @@ impl App {
             his_tcp,
             his_ws,
             scans: tx,
+            scanners,
             cancel,
             tracker,
             scan_tasks,

@@ -40,6 +40,14 @@ pub enum Command {
     Sim(SimArgs),
     /// Inspect and operate the outbox (every use until the platform has it).
     Outbox(OutboxArgs),
+    /// List attached candidate scanners and print a ready [[scanner]] block for each.
+    Scanners {
+        #[arg(long)]
+        json: bool,
+        /// Show every USB device, not only likely scanners.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -53,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(a) => Ok(check(a.config.as_deref(), &Env::from_process())),
         Command::Outbox(a) => outbox::run(a),
+        Command::Scanners { json, all } => scanners(json, all),
         Command::Sign(a) => sign_cmd(a),
         Command::Sim(a) => sim_cmd(a),
     }
@@ -75,6 +76,88 @@ pub fn check(explicit: Option<&Path>, env: &Env) -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// `ehc-agent scanners`: what is attached, and configuration to paste.
+fn scanners(json: bool, all: bool) -> anyhow::Result<ExitCode> {
+    use crate::scanner::sysfs;
+    let devices: Vec<_> = sysfs::usb_devices()
+        .into_iter()
+        .filter(|d| {
+            all || d.known_scanner_vendor.is_some()
+                || d.interfaces.iter().any(|i| {
+                    matches!(
+                        i.kind.as_str(),
+                        "HID keyboard" | "HID POS" | "CDC ACM (serial)"
+                    )
+                })
+        })
+        .collect();
+    let serial = sysfs::other_serial_ports();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"usb": devices, "serialPorts": serial})
+            )?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if devices.is_empty() {
+        println!(
+            "no USB scanner candidates attached{}",
+            if all {
+                ""
+            } else {
+                " (--all lists every USB device)"
+            }
+        );
+    }
+    for d in &devices {
+        println!(
+            "{:04x}:{:04x}  {} {}{}{}",
+            d.vendor_id,
+            d.product_id,
+            d.manufacturer.as_deref().unwrap_or("?"),
+            d.product.as_deref().unwrap_or("?"),
+            d.serial
+                .as_ref()
+                .map(|s| format!("  serial {s}"))
+                .unwrap_or_default(),
+            d.known_scanner_vendor
+                .map(|v| format!("  [{v}, a scanner maker]"))
+                .unwrap_or_default()
+        );
+        for i in &d.interfaces {
+            println!(
+                "    interface {}: {}  {}",
+                i.number,
+                i.kind,
+                i.nodes.join(" ")
+            );
+            for b in &i.by_id {
+                println!("        {b}");
+            }
+            for n in &i.notes {
+                println!("        note: {n}");
+            }
+        }
+        for block in sysfs::suggestions(d) {
+            println!();
+            for line in block.lines() {
+                println!("    {line}");
+            }
+        }
+        println!();
+    }
+    if !serial.is_empty() {
+        println!("other serial ports (RS-232): {}", serial.join(" "));
+        println!("    [[scanner]]\n    name = \"rs232\"\n    kind = \"serial\"\n    path = \"{}\"\n    baud = 9600", serial[0]);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("(not root: HID report descriptors could not be read, so HID POS scanners may show as plain HID)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ehc-agent sign`: the raw sign string with the secret shown as

@@ -21,8 +21,9 @@ pub struct Daemon {
     pub sock: PathBuf,
     pub tcp: String,
     pub ws: String,
-    /// Everything the daemon wrote to stderr so far.
-    pub log: Arc<Mutex<String>>,
+    /// Everything the daemon wrote to stderr so far, and a condvar
+    /// signalled on every new line.
+    pub log: Arc<(Mutex<String>, std::sync::Condvar)>,
 }
 
 pub struct Options {
@@ -130,7 +131,7 @@ path = "{outbox}"
             .unwrap();
         let stdin = child.stdin.take();
         let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::new((Mutex::new(String::new()), std::sync::Condvar::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<String>();
         let log2 = log.clone();
         std::thread::spawn(move || {
@@ -140,8 +141,12 @@ path = "{outbox}"
                 .lines()
                 .map_while(Result::ok)
             {
-                log2.lock().unwrap().push_str(&line);
-                log2.lock().unwrap().push('\n');
+                {
+                    let mut l = log2.0.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                log2.1.notify_all();
                 if line.contains("ehc-agent running") {
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(line);
@@ -151,7 +156,7 @@ path = "{outbox}"
         });
         let ready = match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(l) => l,
-            Err(_) => panic!("daemon did not start:\n{}", log.lock().unwrap()),
+            Err(_) => panic!("daemon did not start:\n{}", log.0.lock().unwrap()),
         };
         let field = |name: &str| -> String {
             ready
@@ -191,7 +196,31 @@ path = "{outbox}"
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.0.lock().unwrap().clone()
+    }
+
+    /// Wait (bounded) until `needle` appears in the log at least `n` times.
+    pub fn wait_log(&self, needle: &str, n: usize) {
+        let (m, cv) = &*self.log;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut l = m.lock().unwrap();
+        while l.matches(needle).count() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {n}× {needle:?} in the log:\n{l}"
+            );
+            l = cv.wait_timeout(l, left).unwrap().0;
+        }
+    }
+
+    /// The daemon's CPU time so far (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name, which is in parentheses.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
     /// SIGTERM and wait; the exit status.

@@ -12,4 +12,5 @@ mod his_examples;
 mod outbox;
 mod outbox_cli;
 mod scan_path;
+mod serial;
 mod sim;
