@@ -412,3 +412,47 @@ mod tests {
         let _ = hidraw_for(0x0c2e, None);
     }
 }
+
+/// The shipped udev rules cover every maker in [`SCANNER_VENDORS`] and each
+/// kind's device node, and keep ModemManager off serial scanners.
+#[cfg(test)]
+mod udev_rules {
+    #[test]
+    fn shipped_rules_cover_the_vendors_and_nodes() {
+        let rules = include_str!("../../udev/60-ehc-agent.rules");
+        for (vid, _) in super::SCANNER_VENDORS {
+            assert!(
+                rules.contains(&format!("ATTRS{{idVendor}}==\"{vid:04x}\"")),
+                "{vid:04x}"
+            );
+        }
+        for subsystem in ["usb", "hidraw", "input", "tty"] {
+            assert!(
+                rules
+                    .lines()
+                    .any(|l| l.contains(&format!("SUBSYSTEM==\"{subsystem}\""))
+                        && l.contains("GROUP=\"ehc-agent\"")),
+                "{subsystem}"
+            );
+        }
+        assert!(rules.contains("ENV{ID_MM_DEVICE_IGNORE}=\"1\""));
+        // Every rule line: comma-separated KEY op "value" pairs.
+        for l in rules
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            if l.starts_with("LABEL=") {
+                continue;
+            }
+            for part in l.split(", ") {
+                let ok = ["==", "!=", "+=", "="].iter().any(|op| {
+                    part.split_once(op).is_some_and(|(k, v)| {
+                        !k.is_empty() && v.starts_with('"') && v.ends_with('"')
+                    })
+                });
+                assert!(ok, "malformed udev rule part {part:?} in {l:?}");
+            }
+        }
+    }
+}
