@@ -1,15 +1,26 @@
 //! Wiring of the daemon: the outbox, the platform client, the pipeline, the
-//! HIS listeners, the scanners and the uploader, as tasks under one
-//! [`CancellationToken`] and [`TaskTracker`] (after mini-redis).
+//! HIS listeners, the control socket, the metrics endpoint, the scanners and
+//! the uploader, as tasks under one [`CancellationToken`] and
+//! [`TaskTracker`] (after mini-redis).
 //!
 //! Start-up order matters: the outbox is opened (and its durability checked)
-//! before anything can produce a use; the HIS listeners are bound before
-//! scanners start, so the first card has somewhere to go. Shutdown: stop
-//! taking scans, let scans in flight finish (each is recorded before it is
-//! delivered), stop the uploader (rows in flight stay pending), close the
-//! listeners, remove the socket.
+//! before anything can produce a use; the HIS and control listeners are
+//! bound before scanners start, so the first card has somewhere to go; only
+//! then is systemd told `READY=1`. Shutdown: stop taking scans, let scans in
+//! flight finish (each is recorded before it is delivered), stop the
+//! uploader (rows in flight stay pending), close the listeners, remove the
+//! sockets.
+//!
+//! `SIGHUP` reloads the configuration: a new one with problems is refused
+//! (every problem logged) and the agent keeps serving with the old one; a
+//! valid one replaces the running agent in-process (listeners re-bound,
+//! scanners reopened; HIS clients reconnect, which they must handle anyway).
+//! The watchdog (`WatchdogSec=`) is fed from the main loop only after a
+//! round trip through the outbox's store, so a wedged agent is restarted.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +28,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ScannerKind};
+use crate::clock;
+use crate::config::{self, Config, Env, ScannerKind};
 use crate::his::protocol::{Out, PROTOCOL_VERSION};
 use crate::his::{HisSettings, Hub};
 use crate::outbox::uploader::{self, UploaderSettings};
@@ -27,11 +39,14 @@ use crate::platform::client::BuildError;
 use crate::platform::{Client, ClientSettings};
 use crate::scanner::device::ScannerStates;
 use crate::scanner::{self, Scan};
+use crate::status::{OutboxView, ScannerView, Status, TokenView, UploadsView};
 
 /// Scans resolved at the same time (each may wait on the platform).
 const PARALLEL_SCANS: usize = 8;
 /// Scans queued between the scanners and the pipeline.
 const SCAN_QUEUE: usize = 64;
+/// How often STATUS= is refreshed when there is no watchdog.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,6 +56,14 @@ pub enum StartError {
     Client(#[from] BuildError),
     #[error(transparent)]
     His(#[from] crate::his::server::HisError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StartError {
@@ -54,16 +77,118 @@ impl StartError {
     }
 }
 
-/// A running agent.
-pub struct App {
+/// What the control socket and the metrics endpoint look at.
+pub struct Core {
     pub pipeline: Arc<Pipeline>,
     pub outbox: Outbox,
     pub hub: Hub,
     pub client: Client,
-    pub his_unix: Option<std::path::PathBuf>,
-    pub his_tcp: Option<std::net::SocketAddr>,
-    pub his_ws: Option<std::net::SocketAddr>,
-    /// Inject scans (what `ehc-agent scan` will use through the control socket).
+    pub scanners: ScannerStates,
+    pub terminal_id: String,
+    pub outbox_path: PathBuf,
+    pub started_at: i64,
+}
+
+impl Core {
+    pub async fn status(&self) -> Status {
+        let now = clock::now_unix();
+        let counts = self.outbox.counts().await.unwrap_or_default();
+        let up = self.outbox.status();
+        let token = self.client.token();
+        let mut s = Status {
+            agent: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")).into(),
+            pid: std::process::id(),
+            started_at: self.started_at,
+            terminal_id: self.terminal_id.clone(),
+            scanners: self
+                .scanners
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k, ScannerView::from(v)))
+                .collect(),
+            his_clients: self.hub.clients().into_iter().map(|c| c.peer).collect(),
+            held_events: self.hub.held_count(),
+            outbox: OutboxView {
+                path: self.outbox_path.display().to_string(),
+                pending: counts.pending,
+                waiting: counts.waiting,
+                held: counts.held,
+                sent: counts.sent,
+                oldest_pending_age_s: counts.oldest_unsent.map(|t| (now - t).max(0)),
+                spilled: up.spilled,
+                disk_fault: up.disk_fault.clone(),
+            },
+            uploads: UploadsView {
+                last_success_at: up.last_success_at,
+                stopped: up.stopped.clone(),
+                rate_limited_until: up.rate_limited_until,
+                last_error: up.last_error.clone(),
+                uploaded: up.uploaded,
+                failed_attempts: up.failed_attempts,
+            },
+            token: TokenView {
+                valid: token.as_ref().is_some_and(|t| t.expires_at > now),
+                expires_at: token.map(|t| t.expires_at),
+                refreshes: self
+                    .client
+                    .stats()
+                    .token_fetches
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            },
+            scans: self.pipeline.stats(),
+            attention: vec![],
+        };
+        s.assess(now);
+        s
+    }
+
+    /// Refresh the state-mirroring gauges, then encode.
+    pub async fn metrics_text(&self) -> String {
+        let m = crate::metrics::get();
+        let st = self.status().await;
+        for (state, n) in [
+            ("pending", st.outbox.pending),
+            ("waiting", st.outbox.waiting),
+            ("held", st.outbox.held),
+            ("sent", st.outbox.sent),
+        ] {
+            m.outbox_rows
+                .get_or_create(&vec![("state", state.to_owned())])
+                .set(n);
+        }
+        m.outbox_oldest_pending_age
+            .set(st.outbox.oldest_pending_age_s.unwrap_or(0));
+        m.outbox_spilled.set(st.outbox.spilled as i64);
+        m.uploads_stopped.set(i64::from(
+            st.uploads.stopped.is_some()
+                || st
+                    .uploads
+                    .rate_limited_until
+                    .is_some_and(|t| t > clock::now_unix()),
+        ));
+        for (name, sc) in &st.scanners {
+            m.scanner_up
+                .get_or_create(&vec![("scanner", name.clone())])
+                .set(i64::from(sc.state == "connected"));
+        }
+        m.his_clients.set(st.his_clients.len() as i64);
+        m.encode()
+    }
+}
+
+/// A running agent.
+pub struct App {
+    pub core: Arc<Core>,
+    pub pipeline: Arc<Pipeline>,
+    pub outbox: Outbox,
+    pub hub: Hub,
+    pub client: Client,
+    pub his_unix: Option<PathBuf>,
+    pub his_tcp: Option<SocketAddr>,
+    pub his_ws: Option<SocketAddr>,
+    pub control: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    /// Inject scans as a scanner would.
     pub scans: mpsc::Sender<Scan>,
     /// Each configured device scanner's state.
     pub scanners: ScannerStates,
@@ -94,8 +219,29 @@ impl App {
             allowed_origins: cfg.his.allowed_origins.clone(),
         })
         .await?;
+        let control_path = crate::control::path_for(&cfg.his_unix);
+        let control = crate::control::bind(&control_path).await?;
+        let metrics_listener = match cfg.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let scanners = ScannerStates::default();
+        let core = Arc::new(Core {
+            pipeline: pipeline.clone(),
+            outbox: outbox.clone(),
+            hub: hub.clone(),
+            client: client.clone(),
+            scanners: scanners.clone(),
+            terminal_id: cfg.terminal.id.clone(),
+            outbox_path: cfg.outbox_path.clone(),
+            started_at: clock::now_unix(),
+        });
         let hello = Out::Hello {
             protocol: PROTOCOL_VERSION,
             agent: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")).into(),
@@ -114,6 +260,21 @@ impl App {
             cancel.clone(),
             &tracker,
         );
+        crate::control::serve(
+            control,
+            control_path.clone(),
+            core.clone(),
+            cancel.clone(),
+            &tracker,
+        );
+        let metrics = match metrics_listener {
+            Some(l) => {
+                let addr = l.local_addr().ok();
+                serve_metrics(l, core.clone(), cancel.clone(), &tracker);
+                addr
+            }
+            None => None,
+        };
 
         tracker.spawn(uploader::run(
             outbox.clone(),
@@ -136,7 +297,6 @@ impl App {
             scan_tasks.clone(),
         ));
 
-        let scanners = ScannerStates::default();
         for s in cfg.scanners.iter().filter(|s| s.kind != ScannerKind::Stdin) {
             tracker.spawn(scanner::device::run(
                 s.clone(),
@@ -159,18 +319,20 @@ impl App {
                 }
             });
         }
-        let shown = |a: Option<std::net::SocketAddr>| {
-            a.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
-        };
+        let shown =
+            |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(
             terminal = %cfg.terminal.id,
             his_unix = %his_unix.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into()),
             his_tcp = %shown(his_tcp),
             his_ws = %shown(his_ws),
+            control = %control_path.display(),
+            metrics = %shown(metrics),
             outbox = %cfg.outbox_path.display(),
             "ehc-agent running"
         );
         Ok(App {
+            core,
             pipeline,
             outbox,
             hub,
@@ -178,6 +340,8 @@ impl App {
             his_unix,
             his_tcp,
             his_ws,
+            control: control_path,
+            metrics,
             scans: tx,
             scanners,
             cancel,
@@ -201,6 +365,42 @@ impl App {
         self.tracker.wait().await;
         tracing::info!("stopped");
     }
+}
+
+fn serve_metrics(
+    l: tokio::net::TcpListener,
+    core: Arc<Core>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let core = core.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        core.metrics_text().await,
+                    )
+                }
+            }),
+        )
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                "metrics are at /metrics\n",
+            )
+        });
+    tracker.spawn(async move {
+        let _ = axum::serve(l, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+    });
 }
 
 /// Take scans from the scanners and resolve them: in order for each scanner
@@ -240,26 +440,113 @@ async fn dispatch(
     // Dropping the lanes' senders lets each lane finish what it holds.
 }
 
-/// `ehc-agent run`: start, then wait for SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> Result<(), StartError> {
-    let app = App::start(&cfg).await?;
-    wait_for_signal().await;
-    app.shutdown().await;
-    Ok(())
+/// systemd notifications; no-ops outside systemd.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    let _ = sd_notify::notify(false, state);
 }
 
-async fn wait_for_signal() {
+enum Event {
+    Stop(&'static str),
+    Reload,
+    Tick,
+}
+
+/// `ehc-agent run`: start, serve, reload on SIGHUP, stop on SIGTERM/SIGINT.
+pub async fn run(mut cfg: Config) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut app = App::start(&cfg).await?;
+    let status = app.core.status().await;
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status.line()),
+    ]);
+    let mut watchdog_usec = 0u64;
+    let tick = if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+        Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100))
+    } else {
+        STATUS_EVERY
+    };
+    let watchdog = watchdog_usec > 0;
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers; stopping");
+            app.shutdown().await;
+            return Ok(());
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+    let mut ticker = tokio::time::interval(tick);
+    loop {
+        let ev = tokio::select! {
+            _ = term.recv() => Event::Stop("SIGTERM"),
+            _ = int.recv() => Event::Stop("SIGINT"),
+            _ = hup.recv() => Event::Reload,
+            _ = ticker.tick() => Event::Tick,
+        };
+        match ev {
+            Event::Stop(sig) => {
+                tracing::info!(signal = sig, "stopping");
+                notify(&[sd_notify::NotifyState::Stopping]);
+                app.shutdown().await;
+                return Ok(());
+            }
+            Event::Tick => {
+                // The store answering proves the blocking pool and the
+                // outbox lock are not wedged; only then feed the watchdog.
+                let alive = tokio::time::timeout(tick, app.core.status()).await;
+                match alive {
+                    Ok(st) => {
+                        if watchdog {
+                            notify(&[sd_notify::NotifyState::Watchdog, sd_notify::NotifyState::Status(&st.line())]);
+                        } else {
+                            notify(&[sd_notify::NotifyState::Status(&st.line())]);
+                        }
+                    }
+                    Err(_) => tracing::error!("the agent did not answer its own health check in time; not feeding the watchdog"),
+                }
+            }
+            Event::Reload => {
+                let source = cfg.source.clone();
+                tracing::info!(config = ?source, "SIGHUP: reloading the configuration");
+                match config::load(source.as_deref(), &Env::from_process()) {
+                    Err(config::ConfigError::Invalid { problems, .. }) => {
+                        for p in &problems {
+                            tracing::error!(key = %p.key, problem = %p.message, "new configuration refused");
+                        }
+                        tracing::error!(
+                            problems = problems.len(),
+                            "configuration NOT reloaded: still serving with the previous one"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "configuration NOT reloaded: still serving with the previous one")
+                    }
+                    Ok(new) => {
+                        notify(&[sd_notify::NotifyState::Reloading]);
+                        app.shutdown().await;
+                        match App::start(&new).await {
+                            Ok(a) => {
+                                app = a;
+                                cfg = new;
+                                tracing::info!("configuration reloaded");
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "the new configuration could not start; going back to the previous one");
+                                app = App::start(&cfg).await?;
+                            }
+                        }
+                        let status = app.core.status().await;
+                        notify(&[
+                            sd_notify::NotifyState::Ready,
+                            sd_notify::NotifyState::Status(&status.line()),
+                        ]);
+                    }
+                }
+            }
+        }
     }
 }

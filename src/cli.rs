@@ -40,6 +40,19 @@ pub enum Command {
     Sim(SimArgs),
     /// Inspect and operate the outbox (every use until the platform has it).
     Outbox(OutboxArgs),
+    /// Ask the running agent how it is: exit 0 all well, 1 something needs attention, 3 not running.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: ControlArg,
+    },
+    /// Inject TEXT into the running agent as if scanned (for HIS integration tests); prints what HIS received.
+    Scan {
+        text: String,
+        #[command(flatten)]
+        at: ControlArg,
+    },
     /// List attached candidate scanners and print a ready [[scanner]] block for each.
     Scanners {
         #[arg(long)]
@@ -58,6 +71,9 @@ pub struct OutboxArgs {
     /// The outbox file itself, when the configuration cannot be read.
     #[arg(long, global = true)]
     pub outbox: Option<PathBuf>,
+    /// The running agent's control socket (used when it answers).
+    #[arg(long, global = true)]
+    pub control: Option<PathBuf>,
     #[command(subcommand)]
     pub action: OutboxAction,
 }
@@ -90,6 +106,17 @@ pub enum OutboxAction {
 #[derive(Debug, Args)]
 pub struct ConfigArg {
     /// Configuration file (default: $EHC_AGENT_CONFIG, /etc/ehc-agent/agent.toml, then the user config dir).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+/// How to reach the running agent.
+#[derive(Debug, Args, Clone)]
+pub struct ControlArg {
+    /// The agent's control socket (default: beside the HIS socket of the configuration, else /run/ehc-agent/control.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Configuration file, to find the control socket.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
 }

@@ -22,7 +22,10 @@
 //! | [`pipeline`] | the scan path: classify → resolve (offline policy) → record → deliver; HIS's `use` and `bind` |
 //! | [`his`] | HIS clients: [`his::protocol`] (messages), [`his::hub`] (fan-out, bounded queues, holding events), [`his::server`] (Unix socket with peer checks, loopback TCP, WebSocket with Origin allowlist) |
 //! | [`outbox`] | uses until the platform has them: [`outbox::store`] (SQLite WAL + FULL, migrations, states), [`outbox::uploader`] (batches, backoff, rate limits, configuration stops), the memory spill for a full disk |
-//! | [`app`] | the daemon's wiring: tasks under a cancellation token, start-up order, shutdown, signals |
+//! | [`app`] | the daemon's wiring: tasks under a cancellation token, start-up order, shutdown, signals, SIGHUP reload, sd_notify and the watchdog |
+//! | [`control`] | the control socket (root and the service user): status, scan injection, outbox operations |
+//! | [`status`] | what `status` shows, the systemd STATUS line, what needs attention |
+//! | [`metrics`] | Prometheus metrics (prometheus-client) and their endpoint's content |
 //! | [`demo`] | `ehc-agent demo`: simulator + agent + HIS client in one process |
 //! | [`pii`] | masking names, ID numbers, phones and QR texts before they reach a log |
 
@@ -32,11 +35,14 @@ pub mod clock;
 pub mod code;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod his;
+pub mod metrics;
 pub mod outbox;
 pub mod pii;
 pub mod pipeline;
 pub mod platform;
 pub mod scanner;
 pub mod sim;
+pub mod status;

@@ -88,8 +88,8 @@ struct Remembered {
 }
 
 /// Counters for status and metrics.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct ScanStats {
     pub cards: u64,
     pub offline_cards: u64,
@@ -136,11 +136,14 @@ impl Pipeline {
     /// Handle one scan to the end: the event HIS was sent, or `None` for a
     /// scan that was discarded (empty or over the length limit).
     pub async fn handle_scan(&self, scan: Scan) -> Option<Out> {
+        let started = std::time::Instant::now();
+        let metrics = crate::metrics::get();
         let scanned = match code::classify(&scan.text) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(scanner = %scan.scanner, error = %e, "scan discarded");
                 self.count(|s| s.discarded += 1);
+                metrics.scan("discarded");
                 return None;
             }
         };
@@ -163,6 +166,13 @@ impl Pipeline {
             Code::Dynamic { .. } => self.resolve_dynamic(&scan, scan_id, &scanned.text).await,
         };
         self.hub.broadcast(out.to_line().into());
+        metrics.scan(match &out {
+            Out::Card { offline: true, .. } => "offline_card",
+            Out::Card { .. } => "card",
+            Out::ScanFailed { .. } => "failed",
+            _ => "other",
+        });
+        metrics.scan_to_his.observe(started.elapsed().as_secs_f64());
         Some(out)
     }
 

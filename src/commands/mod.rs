@@ -3,6 +3,7 @@
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
@@ -30,6 +31,23 @@ pub fn init_tracing(verbose: u8, command: &Command) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // Under systemd (stderr connected to the journal), structured fields go
+    // to journald as fields; elsewhere, readable lines on stderr.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            if tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("ehc-agent".into()))
+                .try_init()
+                .is_ok()
+            {
+                return;
+            }
+            return;
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -54,6 +72,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(a) => Ok(check(a.config.as_deref(), &Env::from_process())),
         Command::Outbox(a) => outbox::run(a),
         Command::Scanners { json, all } => scanners(json, all),
+        Command::Status { json, at } => runtime()?.block_on(status(json, at)),
+        Command::Scan { text, at } => runtime()?.block_on(scan(text, at)),
         Command::Sign(a) => sign_cmd(a),
         Command::Sim(a) => sim_cmd(a),
     }
@@ -76,6 +96,61 @@ pub fn check(explicit: Option<&Path>, env: &Env) -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// Exit status of `status` when the agent does not run (as `systemctl status`).
+pub const EXIT_NOT_RUNNING: u8 = 3;
+
+/// Where the running agent's control socket is.
+pub(crate) fn control_path(control: Option<&Path>, config: Option<&Path>) -> PathBuf {
+    if let Some(p) = control {
+        return p.to_owned();
+    }
+    let env = Env::from_process();
+    if let Ok(c) = config::load(config, &env) {
+        return crate::control::path_for(&c.his_unix);
+    }
+    env.runtime_directory
+        .unwrap_or_else(|| PathBuf::from("/run/ehc-agent"))
+        .join("control.sock")
+}
+
+async fn status(json: bool, at: crate::cli::ControlArg) -> anyhow::Result<ExitCode> {
+    let path = control_path(at.control.as_deref(), at.config.as_deref());
+    let v = match crate::control::request(&path, &crate::control::Request::Status).await {
+        Ok(v) => v,
+        Err(e @ crate::control::ControlError::NotRunning(_)) => {
+            eprintln!("ehc-agent: {e}");
+            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let st: crate::status::Status = serde_json::from_value(v["status"].clone())
+        .context("the agent's status was not understood")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", st.human(crate::clock::now_unix()));
+    }
+    Ok(if st.attention.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn scan(text: String, at: crate::cli::ControlArg) -> anyhow::Result<ExitCode> {
+    let path = control_path(at.control.as_deref(), at.config.as_deref());
+    let v = crate::control::request(
+        &path,
+        &crate::control::Request::Scan {
+            text,
+            scanner: None,
+        },
+    )
+    .await?;
+    println!("{}", v["event"]);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ehc-agent scanners`: what is attached, and configuration to paste.

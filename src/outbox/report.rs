@@ -2,13 +2,13 @@
 //! held rows with their codes. QR texts are masked (first 8 characters): the
 //! screen may be shared, the output pasted into a ticket.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Counts, Row, State, Store, StoreError};
 use crate::clock;
 use crate::pii;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listing {
     pub path: String,
@@ -17,11 +17,11 @@ pub struct Listing {
     pub held: Vec<HeldRow>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldRow {
     pub id: i64,
-    pub kind: &'static str,
+    pub kind: String,
     pub request_id: String,
     pub last_code: Option<i64>,
     pub last_error: Option<String>,
@@ -43,7 +43,7 @@ impl HeldRow {
             .unwrap_or_default();
         HeldRow {
             id: r.id,
-            kind: r.kind.as_str(),
+            kind: r.kind.as_str().to_owned(),
             request_id: r.request_id,
             last_code: r.last_code,
             last_error: r.last_error,

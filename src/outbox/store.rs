@@ -135,7 +135,7 @@ pub struct Row {
 }
 
 /// Counts for `status` and `outbox list`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Counts {
     pub waiting: i64,

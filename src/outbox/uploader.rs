@@ -62,7 +62,7 @@ pub fn backoff(age_s: i64, rng: &mut impl rand::Rng) -> i64 {
 }
 
 /// What one attempt came to.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Outcome {
     Sent(i64),
     Retry(Option<i64>, String),
@@ -240,6 +240,13 @@ fn secs_until(t: i64, now: i64) -> Duration {
 /// Write the outcome of one attempt.
 async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>, now: i64) {
     let out = outcome(result);
+    crate::metrics::get().upload(match &out {
+        Outcome::Sent(_) => "success",
+        Outcome::Retry(..) => "retry",
+        Outcome::RateLimited(..) => "rate_limit",
+        Outcome::Held(..) => "permanent",
+        Outcome::Stop(..) => "configuration",
+    });
     // The first success after failures: the platform is back. Rows that
     // backed off during the outage (up to an hour) become due now, so a
     // backlog drains at the platform's pace, not its backoff's.
@@ -248,6 +255,40 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>, now: i
     let age = now - row.created_at;
     let kind = row.kind.as_str();
     let rid = row.request_id.clone();
+    // The row's outcome is written first, then the status: whoever reads
+    // the status (the operator, a test) never sees more than the file holds.
+    let out_for_store = out.clone();
+    let r = outbox
+        .with_store(move |s| {
+            if recovered {
+                match s.make_all_due(now) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(rows = n, "platform reachable again: backlog due now")
+                    }
+                    _ => {}
+                }
+            }
+            match out_for_store {
+                Outcome::Sent(code) => s.mark_sent(id, now, code),
+                Outcome::Retry(code, msg) => {
+                    let next = now + backoff(age, &mut rand::rng());
+                    s.mark_retry(id, next, code, &msg)
+                }
+                Outcome::RateLimited(code, msg) => {
+                    s.mark_retry(id, clock::next_midnight(now, clock::BEIJING), code, &msg)
+                }
+                Outcome::Held(code, msg) => s.mark_held(id, code, &msg),
+                // Kept pending and due: it goes first once uploads resume.
+                Outcome::Stop(code, msg) => s.mark_retry(id, now, code, &msg),
+            }
+        })
+        .await;
+    if let Err(e) = r {
+        // The row stays as it was (pending): at worst it is sent again with
+        // the same requestId and the platform answers 10054.
+        tracing::error!(row = id, error = %e, "cannot record the upload's outcome");
+    }
+
     match &out {
         Outcome::Sent(code) => {
             tracing::debug!(row = id, request_id = %rid, kind, code, "uploaded");
@@ -298,36 +339,6 @@ async fn settle(outbox: &Outbox, row: Row, result: Result<(), CallError>, now: i
                 s.consecutive_failures += 1;
             });
         }
-    }
-    let r = outbox
-        .with_store(move |s| {
-            if recovered {
-                match s.make_all_due(now) {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(rows = n, "platform reachable again: backlog due now")
-                    }
-                    _ => {}
-                }
-            }
-            match out {
-                Outcome::Sent(code) => s.mark_sent(id, now, code),
-                Outcome::Retry(code, msg) => {
-                    let next = now + backoff(age, &mut rand::rng());
-                    s.mark_retry(id, next, code, &msg)
-                }
-                Outcome::RateLimited(code, msg) => {
-                    s.mark_retry(id, clock::next_midnight(now, clock::BEIJING), code, &msg)
-                }
-                Outcome::Held(code, msg) => s.mark_held(id, code, &msg),
-                // Kept pending and due: it goes first once uploads resume.
-                Outcome::Stop(code, msg) => s.mark_retry(id, now, code, &msg),
-            }
-        })
-        .await;
-    if let Err(e) = r {
-        // The row stays as it was (pending): at worst it is sent again with
-        // the same requestId and the platform answers 10054.
-        tracing::error!(row = id, error = %e, "cannot record the upload's outcome");
     }
 }
 

@@ -350,6 +350,7 @@ impl Client {
             .stats
             .token_fetches
             .fetch_add(1, Ordering::Relaxed);
+        crate::metrics::get().token_refreshes.inc();
         self.inner
             .stats
             .last_token_at
@@ -400,7 +401,13 @@ impl Client {
                 }),
             }
         });
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let elapsed_ms = elapsed.as_millis() as u64;
+        let class = match &result {
+            Ok(_) => "success",
+            Err(e) => e.class().as_str(),
+        };
+        crate::metrics::get().platform(A::NAME, class, elapsed.as_secs_f64());
         match &result {
             Ok(_) => tracing::debug!(api = A::NAME, request_id, elapsed_ms, "platform call ok"),
             Err(e) => {

@@ -81,7 +81,8 @@ impl ScannerStates {
             ScannerStatus {
                 kind,
                 device,
-                state: ScannerState::WaitingForDevice,
+                // Not opened yet: the first attempt is a logged change.
+                state: ScannerState::Closed,
                 since: crate::clock::now_unix(),
                 scans: 0,
             },

@@ -21,6 +21,9 @@ pub struct Daemon {
     pub sock: PathBuf,
     pub tcp: String,
     pub ws: String,
+    pub control: PathBuf,
+    /// `off` or the metrics endpoint's address.
+    pub metrics: String,
     /// Everything the daemon wrote to stderr so far, and a condvar
     /// signalled on every new line.
     pub log: Arc<(Mutex<String>, std::sync::Condvar)>,
@@ -35,6 +38,8 @@ pub struct Options {
     pub base_url: Option<String>,
     /// Outbox file, relative to the daemon's directory.
     pub outbox_path: String,
+    /// Extra environment for the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -46,6 +51,7 @@ impl Default for Options {
             socket_group: None,
             base_url: None,
             outbox_path: "outbox.sqlite".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -116,7 +122,22 @@ path = "{outbox}"
             outbox = o.outbox_path,
         );
         std::fs::write(dir.path().join("agent.toml"), cfg).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
+        // `WATCHDOG_PID=self`: as systemd does, the daemon's own pid, which
+        // only an exec from a shell can know in advance.
+        let own_pid = o
+            .env
+            .iter()
+            .any(|(k, v)| k == "WATCHDOG_PID" && v == "self");
+        let mut cmd = if own_pid {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+                .arg(env!("CARGO_BIN_EXE_ehc-agent"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
+        };
+        let mut child = cmd
             .arg("run")
             .arg("--config")
             .arg(dir.path().join("agent.toml"))
@@ -124,6 +145,12 @@ path = "{outbox}"
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("STATE_DIRECTORY")
             .env_remove("RUNTIME_DIRECTORY")
+            .envs(
+                o.env
+                    .iter()
+                    .filter(|(k, _)| k != "WATCHDOG_PID")
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -142,7 +169,7 @@ path = "{outbox}"
                 .map_while(Result::ok)
             {
                 {
-                    let mut l = log2.0.lock().unwrap();
+                    let mut l = log2.0.lock().unwrap_or_else(|e| e.into_inner());
                     l.push_str(&line);
                     l.push('\n');
                 }
@@ -171,6 +198,8 @@ path = "{outbox}"
             sock: dir.path().join("his.sock"),
             tcp: field("his_tcp"),
             ws: field("his_ws"),
+            control: PathBuf::from(field("control")),
+            metrics: field("metrics"),
             dir: Some(dir),
             log,
         }
@@ -196,14 +225,14 @@ path = "{outbox}"
     }
 
     pub fn log(&self) -> String {
-        self.log.0.lock().unwrap().clone()
+        self.log.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Wait (bounded) until `needle` appears in the log at least `n` times.
     pub fn wait_log(&self, needle: &str, n: usize) {
         let (m, cv) = &*self.log;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let mut l = m.lock().unwrap();
+        let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
         while l.matches(needle).count() < n {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             assert!(
@@ -225,10 +254,14 @@ path = "{outbox}"
 
     /// SIGTERM and wait; the exit status.
     pub fn stop(mut self) -> (std::process::ExitStatus, String, tempfile::TempDir) {
-        nix_kill(self.child.id() as i32, "TERM");
+        self.signal("TERM");
         let status = self.child.wait().unwrap();
         let log = self.log();
         (status, log, self.dir.take().expect("directory"))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        nix_kill(self.child.id() as i32, sig);
     }
 
     /// SIGKILL: no chance to clean up.
@@ -243,6 +276,32 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Every scenario run against a daemon is also a check that no
+        // identity reached its log (DESIGN §6).
+        if !std::thread::panicking() {
+            assert_no_pii(&self.log());
+        }
+    }
+}
+
+/// The synthetic identities' values, and the cards' full ids, never appear
+/// in a log: names, ID numbers, phone numbers, QR texts.
+pub fn assert_no_pii(log: &str) {
+    let st = ehc_agent::sim::SimConfig::default();
+    let sim = ehc_agent::sim::state::SimState::new(st.clone());
+    for c in &st.cards {
+        for value in [&c.name, &c.id_number, &c.phone] {
+            assert!(
+                !log.contains(value.as_str()),
+                "{value} leaked into a log:\n{log}"
+            );
+        }
+    }
+    for c in sim.cards() {
+        assert!(
+            !log.contains(&c.card_id),
+            "a full card id leaked into a log:\n{log}"
+        );
     }
 }
 

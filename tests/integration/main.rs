@@ -13,4 +13,5 @@ mod outbox;
 mod outbox_cli;
 mod scan_path;
 mod serial;
+mod service;
 mod sim;

@@ -208,8 +208,11 @@ async fn rate_limit_holds_uploads_until_the_next_beijing_day() {
 async fn wrong_secret_stops_uploads_and_keeps_every_row() {
     let rig = Rig::new(SimConfig::default(), "not-the-secret").await;
     rig.record(3).await;
-    rig.outbox.settle().await;
-    rig.outbox.settle().await;
+    assert!(
+        rig.outbox
+            .wait_status(std::time::Duration::from_secs(30), |s| s.stopped.is_some())
+            .await
+    );
     let status = rig.outbox.status();
     let stopped = status.stopped.expect("uploads stopped");
     assert!(stopped.contains("21006"), "{stopped}");
@@ -243,7 +246,12 @@ async fn permanent_error_parks_the_row_until_retried() {
         s["calls"]["reportHISData"]["10042"] == 1
     })
     .await;
-    rig.outbox.settle().await;
+    assert!(
+        rig.outbox
+            .wait_status(std::time::Duration::from_secs(30), |s| s.failed_attempts
+                >= 1)
+            .await
+    );
     let held = rig
         .outbox
         .with_store(|s| s.list(ehc_agent::outbox::State::Held, 10))

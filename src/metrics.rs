@@ -1,0 +1,168 @@
+//! Prometheus metrics (`[metrics] listen`, loopback only), with
+//! prometheus-client.
+//!
+//! One registry per process, like the `metrics` crate's global recorder:
+//! counters and histograms are updated where things happen (pipeline,
+//! platform client, uploader); gauges that mirror state (outbox depth,
+//! scanners up, HIS clients) are refreshed from the daemon's status on each
+//! scrape, so they are never stale.
+//!
+//! Names follow Prometheus conventions: `ehc_agent_` prefix, base units
+//! (seconds), `_total` on counters (added by the encoder).
+
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub scans: Family<Labels, Counter>,
+    pub scan_to_his: Histogram,
+    pub platform_requests: HistogramFamily,
+    pub uploads: Family<Labels, Counter>,
+    pub token_refreshes: Counter,
+    pub outbox_rows: Family<Labels, Gauge>,
+    pub outbox_oldest_pending_age: Gauge,
+    pub outbox_spilled: Gauge,
+    pub uploads_stopped: Gauge,
+    pub scanner_up: Family<Labels, Gauge>,
+    pub his_clients: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    METRICS.get_or_init(|| {
+        let mut r = Registry::with_prefix("ehc_agent");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            scans: Family::default(),
+            scan_to_his: latency_histogram(),
+            platform_requests: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            uploads: Family::default(),
+            token_refreshes: Counter::default(),
+            outbox_rows: Family::default(),
+            outbox_oldest_pending_age: Gauge::default(),
+            outbox_spilled: Gauge::default(),
+            uploads_stopped: Gauge::default(),
+            scanner_up: Family::default(),
+            his_clients: Gauge::default(),
+        };
+        r.register(
+            "scans",
+            "Scans handled, by result (card, offline_card, failed, other, discarded)",
+            m.scans.clone(),
+        );
+        r.register(
+            "scan_to_his_seconds",
+            "From a scan read to its event queued for HIS clients",
+            m.scan_to_his.clone(),
+        );
+        r.register(
+            "platform_request_duration_seconds",
+            "Platform calls by API and result class",
+            m.platform_requests.clone(),
+        );
+        r.register(
+            "uploads",
+            "Outbox upload attempts by result class",
+            m.uploads.clone(),
+        );
+        r.register(
+            "token_refreshes",
+            "getAppToken calls",
+            m.token_refreshes.clone(),
+        );
+        r.register("outbox_rows", "Outbox rows by state", m.outbox_rows.clone());
+        r.register(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest use not yet uploaded",
+            m.outbox_oldest_pending_age.clone(),
+        );
+        r.register(
+            "outbox_spilled_uses",
+            "Uses held in memory because the disk refused them",
+            m.outbox_spilled.clone(),
+        );
+        r.register(
+            "uploads_stopped",
+            "1 while uploads are stopped by a configuration error or a rate limit",
+            m.uploads_stopped.clone(),
+        );
+        r.register(
+            "scanner_up",
+            "1 while a scanner's device is connected",
+            m.scanner_up.clone(),
+        );
+        r.register(
+            "his_clients",
+            "Connected HIS clients",
+            m.his_clients.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        m
+    })
+}
+
+impl Metrics {
+    pub fn scan(&self, result: &str) {
+        self.scans
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    pub fn platform(&self, api: &str, class: &str, secs: f64) {
+        self.platform_requests
+            .get_or_create(&vec![("api", api.to_owned()), ("class", class.to_owned())])
+            .observe(secs);
+    }
+
+    pub fn upload(&self, class: &str) {
+        self.uploads
+            .get_or_create(&vec![("class", class.to_owned())])
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = encode(&mut s, &r);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn named_series_are_exposed() {
+        let m = super::get();
+        m.scan("card");
+        m.platform("verifyQRCode", "success", 0.01);
+        m.upload("success");
+        let text = m.encode();
+        for name in [
+            "ehc_agent_scans_total{result=\"card\"}",
+            "ehc_agent_platform_request_duration_seconds_bucket{",
+            "ehc_agent_uploads_total{class=\"success\"}",
+            "ehc_agent_scan_to_his_seconds_count",
+            "ehc_agent_his_clients",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}
