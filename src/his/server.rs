@@ -150,19 +150,28 @@ async fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, HisErr
 
 /// Whether a Unix peer may use the socket: root, the agent's own user, or a
 /// member (primary or supplementary) of the socket group.
+///
+/// `supplementary` is `None` when the peer's groups cannot be read (under
+/// `ProtectProc=invisible` other users' `/proc` entries are hidden). The
+/// kernel has then already checked the socket file's 0660 group mode on
+/// connect, which is the primary control; refusing would lock out every HIS
+/// user whose membership is supplementary.
 pub fn peer_allowed(
     uid: u32,
     gid: u32,
-    supplementary: &[u32],
+    supplementary: Option<&[u32]>,
     own_uid: u32,
     group: Option<u32>,
 ) -> bool {
-    uid == 0 || uid == own_uid || group.is_some_and(|g| g == gid || supplementary.contains(&g))
+    uid == 0
+        || uid == own_uid
+        || group.is_some_and(|g| g == gid || supplementary.is_none_or(|s| s.contains(&g)))
 }
 
-/// A process's supplementary groups, from `/proc/PID/status`.
-fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
-    let Some(pid) = pid else { return Vec::new() };
+/// A process's supplementary groups, from `/proc/PID/status`; `None` if
+/// they cannot be read.
+fn supplementary_groups(pid: Option<i32>) -> Option<Vec<u32>> {
+    let pid = pid?;
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -172,7 +181,6 @@ fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
                     .collect()
             })
         })
-        .unwrap_or_default()
 }
 
 impl Listeners {
@@ -260,7 +268,7 @@ async fn accept_unix<H: Handler>(l: UnixListener, gid: Option<u32>, ctx: Ctx<H>)
             "unix uid={uid} gid={pgid} pid={}",
             pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
         );
-        if !peer_allowed(uid, pgid, &supplementary_groups(pid), own, gid) {
+        if !peer_allowed(uid, pgid, supplementary_groups(pid).as_deref(), own, gid) {
             tracing::warn!(uid, gid = pgid, pid = ?pid, "HIS peer refused: not root, not the service user, not in the socket group");
             let mut s = s;
             let line = Out::error(None, format!("permission denied: uid {uid} is not root, the agent's user, or in the HIS socket group")).to_line();
@@ -499,20 +507,31 @@ mod tests {
     #[test]
     fn peer_rules() {
         let own = 999;
-        assert!(peer_allowed(0, 0, &[], own, None), "root");
-        assert!(peer_allowed(own, 5, &[], own, None), "service user");
+        assert!(peer_allowed(0, 0, Some(&[]), own, None), "root");
+        assert!(peer_allowed(own, 5, Some(&[]), own, None), "service user");
         assert!(
-            !peer_allowed(1000, 1000, &[], own, None),
+            !peer_allowed(1000, 1000, Some(&[]), own, None),
             "stranger, no group configured"
         );
-        assert!(peer_allowed(1000, 42, &[], own, Some(42)), "primary group");
         assert!(
-            peer_allowed(1000, 1000, &[7, 42], own, Some(42)),
+            !peer_allowed(1000, 1000, None, own, None),
+            "stranger, groups unknown, no group configured"
+        );
+        assert!(
+            peer_allowed(1000, 42, Some(&[]), own, Some(42)),
+            "primary group"
+        );
+        assert!(
+            peer_allowed(1000, 1000, Some(&[7, 42]), own, Some(42)),
             "supplementary group"
         );
         assert!(
-            !peer_allowed(1000, 1000, &[7], own, Some(42)),
+            !peer_allowed(1000, 1000, Some(&[7]), own, Some(42)),
             "not in the group"
+        );
+        assert!(
+            peer_allowed(1000, 1000, None, own, Some(42)),
+            "groups hidden: the file mode decided"
         );
     }
 
@@ -520,7 +539,7 @@ mod tests {
     fn reads_own_supplementary_groups() {
         let me = std::process::id() as i32;
         // Present (possibly empty) for a live process; absent pid gives none.
-        let _ = supplementary_groups(Some(me));
-        assert!(supplementary_groups(None).is_empty());
+        assert!(supplementary_groups(Some(me)).is_some());
+        assert!(supplementary_groups(None).is_none());
     }
 }

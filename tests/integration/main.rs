@@ -11,6 +11,7 @@ mod disk;
 mod his_examples;
 mod outbox;
 mod outbox_cli;
+mod packaging;
 mod scan_path;
 mod serial;
 mod service;

@@ -1,0 +1,169 @@
+//! The systemd unit, the sysusers file and the Debian package metadata.
+//! `systemd-analyze` and `systemd-sysusers` checks run where those tools
+//! exist and print SKIPPED otherwise.
+
+use std::process::Command;
+
+fn root() -> &'static str {
+    env!("CARGO_MANIFEST_DIR")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn unit_exposure_is_at_most_2_5() {
+    if !have("systemd-analyze") {
+        eprintln!("SKIPPED unit_exposure_is_at_most_2_5: no systemd-analyze");
+        return;
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(format!("{}/systemd/ehc-agent.service", root()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for ehc-agent.service: ")
+                .nth(1)
+        })
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(level <= 2.5, "exposure {level} > 2.5:\n{text}");
+}
+
+#[test]
+fn unit_verifies_clean() {
+    if !have("systemd-analyze")
+        || !std::path::Path::new("/usr/lib/systemd/system/sysinit.target").exists()
+    {
+        eprintln!(
+            "SKIPPED unit_verifies_clean: no systemd-analyze or no systemd units to verify against"
+        );
+        return;
+    }
+    // A scratch root with the system's units, the binary and the unit.
+    let r = tempfile::tempdir().unwrap();
+    let p = r.path();
+    std::fs::create_dir_all(p.join("usr/bin")).unwrap();
+    std::fs::create_dir_all(p.join("bin")).unwrap();
+    std::fs::create_dir_all(p.join("usr/lib/systemd")).unwrap();
+    assert!(Command::new("cp")
+        .args(["-r", "/usr/lib/systemd/system"])
+        .arg(p.join("usr/lib/systemd/"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::copy(env!("CARGO_BIN_EXE_ehc-agent"), p.join("usr/bin/ehc-agent")).unwrap();
+    std::fs::copy("/bin/kill", p.join("bin/kill")).unwrap();
+    std::fs::copy(
+        format!("{}/systemd/ehc-agent.service", root()),
+        p.join("usr/lib/systemd/system/ehc-agent.service"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", p.display()))
+        .arg("ehc-agent.service")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify:\n{err}"
+    );
+}
+
+#[test]
+fn unit_has_what_the_service_needs() {
+    let unit = std::fs::read_to_string(format!("{}/systemd/ehc-agent.service", root())).unwrap();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StateDirectory=ehc-agent",
+        "RuntimeDirectory=ehc-agent",
+        "ConfigurationDirectory=ehc-agent",
+        "LoadCredential=app_secret:",
+        "DeviceAllow=char-ttyUSB rw",
+        "DeviceAllow=char-hidraw rw",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "SystemCallFilter=@system-service",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
+        assert!(unit.contains(line), "{line} missing");
+    }
+}
+
+#[test]
+fn sysusers_creates_the_user_and_the_his_group() {
+    if !have("systemd-sysusers") {
+        eprintln!("SKIPPED sysusers_creates_the_user_and_the_his_group: no systemd-sysusers");
+        return;
+    }
+    let r = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(r.path().join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", r.path().display()))
+        .arg(format!("{}/systemd/ehc-agent.sysusers", root()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passwd = std::fs::read_to_string(r.path().join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(r.path().join("etc/group")).unwrap();
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("ehc-agent:") && l.contains("/var/lib/ehc-agent")),
+        "{passwd}"
+    );
+    assert!(
+        group
+            .lines()
+            .any(|l| l.starts_with("ehc-his:") && l.ends_with(":ehc-agent")),
+        "{group}"
+    );
+}
+
+#[test]
+fn every_deb_asset_exists() {
+    let manifest: toml::Table = std::fs::read_to_string(format!("{}/Cargo.toml", root()))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deb = &manifest["package"]["metadata"]["deb"];
+    for asset in deb["assets"].as_array().unwrap() {
+        let src = asset[0].as_str().unwrap();
+        if src.starts_with("target/") {
+            continue; // built by cargo deb
+        }
+        assert!(
+            std::path::Path::new(root()).join(src).exists(),
+            "asset {src} does not exist"
+        );
+    }
+    assert_eq!(
+        deb["conf-files"][0].as_str(),
+        Some("/etc/ehc-agent/agent.toml")
+    );
+    for s in ["postinst", "postrm"] {
+        assert!(std::path::Path::new(root()).join("debian").join(s).exists());
+    }
+}
