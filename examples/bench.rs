@@ -4,6 +4,8 @@
 //!     cargo run --release --example bench -- commit [--n 2000] [--dir D]
 //!     cargo run --release --example bench -- drain [--rows 2000] [--latency-ms 50] [--concurrency 4]
 //!     cargo run --release --example bench -- scan [--n 500] [--dir D]
+//!     cargo build --release && cargo run --release --example bench -- ready [--n 20]
+//!     cargo build --release && cargo run --release --example bench -- idle [--seconds 60]
 //!
 //! `commit`: uses committed per second (one transaction each, WAL +
 //! synchronous=FULL) beside raw write+fdatasync per second on the same disk.
@@ -12,6 +14,12 @@
 //! `scan`: scan-to-HIS latency (scan handed to the pipeline → `card` read by
 //! an HIS client on the Unix socket) with the simulator at zero latency,
 //! beside the platform call alone and one fsync.
+//! `ready`: from exec of `ehc-agent run` to its `READY=1` on NOTIFY_SOCKET,
+//! beside exec to exit of `ehc-agent --version` (what starting any process
+//! of this binary costs).
+//! `idle`: the daemon with a configuration like a window's (HIS socket,
+//! TCP, metrics), no scans: resident memory, and context switches per second
+//! (wakeups) and CPU time over `seconds`, from /proc.
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -57,6 +65,152 @@ enum What {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    Ready {
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+    },
+    Idle {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// The release binary next to this example.
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|p| p.parent()).map(|p| p.join("ehc-agent")).unwrap();
+    assert!(bin.exists(), "build the agent first: cargo build --release ({} missing)", bin.display());
+    bin
+}
+
+/// A window-like configuration for a daemon against `sim`, in `dir`.
+fn write_config(dir: &Path, sim: &SimServer, extra: &str) -> PathBuf {
+    let secret = dir.join("app_secret");
+    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[platform]\nbase_url = \"{}\"\napp_id = \"{}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{}\"\n\
+             [terminal]\nid = \"B\"\ndepartment = \"内科\"\ncity_code = \"1\"\ncity_name = \"c\"\nhospital_code = \"h\"\nhospital_name = \"h\"\n\
+             [his]\nlisten_unix = \"his.sock\"\nlisten_tcp = \"127.0.0.1:0\"\n[outbox]\npath = \"outbox.sqlite\"\n{extra}",
+            sim.base_url(),
+            ehc_agent::sim::config::DEFAULT_APP_ID,
+            ehc_agent::sim::config::DEFAULT_HOSPITAL_ID
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Start the daemon with a NOTIFY_SOCKET; return it once READY=1 arrived,
+/// with the time that took.
+fn start_until_ready(dir: &Path, cfg: &Path) -> (std::process::Child, Duration) {
+    let sock_path = dir.join(format!("notify-{}.sock", rand_suffix()));
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    let child = std::process::Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            return (child, t.elapsed());
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+async fn ready(n: usize) {
+    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut exec = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        assert!(std::process::Command::new(agent_bin()).arg("--version").output().unwrap().status.success());
+        exec.push(t.elapsed());
+    }
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = write_config(tmp.path(), &sim, "");
+        let (child, took) = tokio::task::block_in_place(|| start_until_ready(tmp.path(), &cfg));
+        lat.push(took);
+        stop(child);
+    }
+    exec.sort();
+    lat.sort();
+    println!("start-to-READY (exec → READY=1, fresh outbox each run), {n} runs:");
+    println!("  ehc-agent run      p50 {}  max {}", ms(percentile(&lat, 0.5)), ms(*lat.last().unwrap()));
+    println!("  ehc-agent --version (exec → exit) p50 {}  max {}", ms(percentile(&exec, 0.5)), ms(*exec.last().unwrap()));
+}
+
+/// Context switches (voluntary + involuntary) of every thread of `pid`.
+fn switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
+            for l in s.lines() {
+                if l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches") {
+                    total += l.split_whitespace().last().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+fn proc_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l[key.len()..].trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+async fn idle(seconds: u64) {
+    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), &sim, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let (child, took) = tokio::task::block_in_place(|| start_until_ready(tmp.path(), &cfg));
+    let pid = child.id();
+    // Let start-up settle (first token fetch, first uploader pass).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (sw0, cpu0) = (switches(pid), cpu_ticks(pid));
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (sw1, cpu1) = (switches(pid), cpu_ticks(pid));
+    let threads = proc_field(pid, "Threads:");
+    println!("idle daemon (HIS unix + TCP, metrics, no scanner devices, no scans), {seconds} s, ready after {}:", ms(took));
+    println!("  resident memory   VmRSS {}  (peak VmHWM {})", proc_field(pid, "VmRSS:"), proc_field(pid, "VmHWM:"));
+    println!("  threads           {threads}");
+    println!("  wakeups           {:.2} context switches/s (all threads)", (sw1 - sw0) as f64 / seconds as f64);
+    println!("  CPU time          {} ticks in {seconds} s", cpu1 - cpu0);
+    stop(child);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -311,5 +465,7 @@ async fn main() {
             concurrency,
         } => drain(rows, latency_ms, concurrency).await,
         What::Scan { n, dir } => scan(n, dir).await,
+        What::Ready { n } => ready(n).await,
+        What::Idle { seconds } => idle(seconds).await,
     }
 }
