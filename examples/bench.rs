@@ -78,8 +78,16 @@ enum What {
 /// The release binary next to this example.
 fn agent_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|p| p.parent()).map(|p| p.join("ehc-agent")).unwrap();
-    assert!(bin.exists(), "build the agent first: cargo build --release ({} missing)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("ehc-agent"))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "build the agent first: cargo build --release ({} missing)",
+        bin.display()
+    );
     bin
 }
 
@@ -109,7 +117,8 @@ fn write_config(dir: &Path, sim: &SimServer, extra: &str) -> PathBuf {
 fn start_until_ready(dir: &Path, cfg: &Path) -> (std::process::Child, Duration) {
     let sock_path = dir.join(format!("notify-{}.sock", rand_suffix()));
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let t = Instant::now();
     let child = std::process::Command::new(agent_bin())
         .args(["run", "--config"])
@@ -136,16 +145,26 @@ fn rand_suffix() -> u64 {
 }
 
 fn stop(mut child: std::process::Child) {
-    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let _ = child.wait();
 }
 
 async fn ready(n: usize) {
-    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut exec = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
-        assert!(std::process::Command::new(agent_bin()).arg("--version").output().unwrap().status.success());
+        assert!(std::process::Command::new(agent_bin())
+            .arg("--version")
+            .output()
+            .unwrap()
+            .status
+            .success());
         exec.push(t.elapsed());
     }
     let mut lat = Vec::new();
@@ -159,18 +178,35 @@ async fn ready(n: usize) {
     exec.sort();
     lat.sort();
     println!("start-to-READY (exec → READY=1, fresh outbox each run), {n} runs:");
-    println!("  ehc-agent run      p50 {}  max {}", ms(percentile(&lat, 0.5)), ms(*lat.last().unwrap()));
-    println!("  ehc-agent --version (exec → exit) p50 {}  max {}", ms(percentile(&exec, 0.5)), ms(*exec.last().unwrap()));
+    println!(
+        "  ehc-agent run      p50 {}  max {}",
+        ms(percentile(&lat, 0.5)),
+        ms(*lat.last().unwrap())
+    );
+    println!(
+        "  ehc-agent --version (exec → exit) p50 {}  max {}",
+        ms(percentile(&exec, 0.5)),
+        ms(*exec.last().unwrap())
+    );
 }
 
 /// Context switches (voluntary + involuntary) of every thread of `pid`.
 fn switches(pid: u32) -> u64 {
     let mut total = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
             for l in s.lines() {
-                if l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches") {
-                    total += l.split_whitespace().last().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                if l.starts_with("voluntary_ctxt_switches")
+                    || l.starts_with("nonvoluntary_ctxt_switches")
+                {
+                    total += l
+                        .split_whitespace()
+                        .last()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
                 }
             }
         }
@@ -189,12 +225,16 @@ fn proc_field(pid: u32, key: &str) -> String {
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 async fn idle(seconds: u64) {
-    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(tmp.path(), &sim, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
     let (child, took) = tokio::task::block_in_place(|| start_until_ready(tmp.path(), &cfg));
@@ -206,9 +246,16 @@ async fn idle(seconds: u64) {
     let (sw1, cpu1) = (switches(pid), cpu_ticks(pid));
     let threads = proc_field(pid, "Threads:");
     println!("idle daemon (HIS unix + TCP, metrics, no scanner devices, no scans), {seconds} s, ready after {}:", ms(took));
-    println!("  resident memory   VmRSS {}  (peak VmHWM {})", proc_field(pid, "VmRSS:"), proc_field(pid, "VmHWM:"));
+    println!(
+        "  resident memory   VmRSS {}  (peak VmHWM {})",
+        proc_field(pid, "VmRSS:"),
+        proc_field(pid, "VmHWM:")
+    );
     println!("  threads           {threads}");
-    println!("  wakeups           {:.2} context switches/s (all threads)", (sw1 - sw0) as f64 / seconds as f64);
+    println!(
+        "  wakeups           {:.2} context switches/s (all threads)",
+        (sw1 - sw0) as f64 / seconds as f64
+    );
     println!("  CPU time          {} ticks in {seconds} s", cpu1 - cpu0);
     stop(child);
 }

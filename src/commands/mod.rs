@@ -51,7 +51,10 @@ pub fn init_tracing(verbose: u8, command: &Command) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only on a terminal, and never with NO_COLOR set (no-color.org).
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .with_writer(std::io::stderr)
         .try_init();
 }

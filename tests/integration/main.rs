@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod daemon;
 mod disk;
+mod fuzz_regressions;
 mod his_examples;
 mod outbox;
 mod outbox_cli;
