@@ -129,11 +129,19 @@ fn start_until_ready(dir: &Path, cfg: &Path) -> (std::process::Child, Duration) 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = child;
     let mut buf = [0u8; 4096];
     loop {
-        let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            return (child, t.elapsed());
+        match sock.recv(&mut buf) {
+            Ok(n) if String::from_utf8_lossy(&buf[..n]).contains("READY=1") => {
+                return (child, t.elapsed())
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no READY=1 within 30 s: {e}");
+            }
         }
     }
 }
