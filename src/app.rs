@@ -279,12 +279,7 @@ impl App {
         tracker.spawn(uploader::run(
             outbox.clone(),
             client.clone(),
-            UploaderSettings {
-                batch: cfg.outbox.batch as usize,
-                concurrency: cfg.outbox.concurrency as usize,
-                retention_days: cfg.outbox.retention_days,
-                clock: uploader::wall_clock(),
-            },
+            UploaderSettings::from_config(cfg),
             cancel.clone(),
         ));
 

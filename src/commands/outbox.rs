@@ -123,12 +123,7 @@ async fn flush(cfg: Config) -> anyhow::Result<ExitCode> {
     let task = tokio::spawn(uploader::run(
         outbox.clone(),
         client,
-        UploaderSettings {
-            batch: cfg.outbox.batch as usize,
-            concurrency: cfg.outbox.concurrency as usize,
-            retention_days: cfg.outbox.retention_days,
-            clock: uploader::wall_clock(),
-        },
+        UploaderSettings::from_config(&cfg),
         cancel.clone(),
     ));
     let bar = indicatif::ProgressBar::new(total);

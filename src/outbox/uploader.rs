@@ -54,6 +54,18 @@ pub struct UploaderSettings {
     pub clock: Clock,
 }
 
+impl UploaderSettings {
+    /// From the `[outbox]` section, on the wall clock.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        UploaderSettings {
+            batch: c.outbox.batch as usize,
+            concurrency: c.outbox.concurrency as usize,
+            retention_days: c.outbox.retention_days,
+            clock: wall_clock(),
+        }
+    }
+}
+
 /// Seconds until the next attempt for a row of age `age_s`: uniform in
 /// `1..=clamp(age, 1, 1 h)` (full jitter, after Vector's and AWS's advice).
 pub fn backoff(age_s: i64, rng: &mut impl rand::Rng) -> i64 {
