@@ -331,6 +331,9 @@ def main():
     t0 = time.time()
     if a.mode == "quick":
         run_evdev(a, quick=True)
+    elif a.mode == "devices":
+        run_evdev(a, quick=False)
+        run_usb_hid(a)
     else:
         run_evdev(a, quick=False)
         run_usb_hid(a)

@@ -3,6 +3,7 @@
 #
 #   tests/hil/run.sh            # every check: evdev, usb-hid, serial, unplug/replug, power cuts (N=20)
 #   tests/hil/run.sh quick      # one boot: evdev + serial typing (what CI runs)
+#   tests/hil/run.sh devices    # every device check, no power cuts
 #   HIL_POWER_CYCLES=50 tests/hil/run.sh
 #
 # Builds a tiny guest from Debian's packages (qemu-system-x86, the
