@@ -137,6 +137,21 @@ class Guest:
             if "return" in r or "error" in r:
                 return r
 
+    def device_add(self, args):
+        """device_add, retried while QEMU still finishes the previous
+        device_del of the same id (it completes asynchronously)."""
+        for _ in range(100):
+            r = self.qmp_cmd("device_add", args)
+            if "error" not in r:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"QMP device_add {args}: {r['error']}")
+
+    def device_del(self, dev_id):
+        r = self.qmp_cmd("device_del", {"id": dev_id})
+        if "error" in r:
+            raise RuntimeError(f"QMP device_del {dev_id}: {r['error']}")
+
     def type_text(self, text):
         """Type `text` and Enter on the USB keyboard: QMP send-key, one key
         (with Shift where needed) at a time, held long enough for the guest's
@@ -228,16 +243,16 @@ def run_evdev(a, quick):
     leak = g.wait(r"HIL: LEAK=", timeout=30)
     check(leak is not None and leak.strip().endswith("LEAK=0"), f"evdev: keys typed while grabbed reach nobody else ({leak})")
     if not quick:
-        g.qmp_cmd("device_del", {"id": "kbd"})
+        g.device_del("kbd")
         check(g.wait(r"scanner unplugged or not present.*scanner=kbd", timeout=60) is not None, "evdev: device_del of the keyboard is seen")
-        g.qmp_cmd("device_add", {"driver": "usb-kbd", "id": "kbd", "bus": "xhci.0"})
+        g.device_add({"driver": "usb-kbd", "id": "kbd", "bus": "xhci.0"})
         check(g.wait(r"scanner connected scanner=kbd", 2, timeout=60) is not None, "evdev: device_add: the keyboard is read again without restart")
         code2 = static_code(2)
         g.type_text(code2)
         check(card_for(g, code2, "kbd") is not None, "evdev: a code typed after the replug reaches HIS")
-        g.qmp_cmd("device_del", {"id": "ser"})
+        g.device_del("ser")
         check(g.wait(r"scanner unplugged or not present.*scanner=ftdi", timeout=60) is not None, "serial: device_del of the FTDI adapter is seen")
-        g.qmp_cmd("device_add", {"driver": "usb-serial", "id": "ser", "chardev": "ser0", "bus": "xhci.0"})
+        g.device_add({"driver": "usb-serial", "id": "ser", "chardev": "ser0", "bus": "xhci.0"})
         check(g.wait(r"scanner connected scanner=ftdi", 2, timeout=60) is not None, "serial: device_add: the port is reopened without restart")
         code3 = static_code(3)
         g.serial_write((code3 + "\r").encode())
@@ -260,9 +275,9 @@ def run_usb_hid(a):
     code = static_code(1)
     g.type_text(code)
     check(card_for(g, code, "kbd") is not None, "usb-hid: a code typed on the USB keyboard reaches HIS through libusb")
-    g.qmp_cmd("device_del", {"id": "kbd"})
+    g.device_del("kbd")
     check(g.wait(r"scanner unplugged or not present.*scanner=kbd", timeout=60) is not None, "usb-hid: device_del is seen")
-    g.qmp_cmd("device_add", {"driver": "usb-kbd", "id": "kbd", "bus": "xhci.0"})
+    g.device_add({"driver": "usb-kbd", "id": "kbd", "bus": "xhci.0"})
     check(g.wait(r"scanner connected scanner=kbd", 2, timeout=60) is not None, "usb-hid: device_add: hotplug finds it again without restart")
     code2 = static_code(2)
     g.type_text(code2)
