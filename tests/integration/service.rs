@@ -286,3 +286,27 @@ async fn metrics_endpoint_serves_the_named_series_and_they_move() {
         "{after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_socket_is_refused() {
+    let sim = sim().await;
+    let d = Daemon::start(&sim).await;
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(d.path().join("agent.toml"))
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("STATE_DIRECTORY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already serving HIS") || err.contains("already running"),
+        "{err}"
+    );
+    // The first one is untouched.
+    let mut his = HisClient::unix(&d).await;
+    his.send(&json!({"type": "ping", "ref": 1})).await;
+    assert_eq!(his.next_of(&["reply"]).await["ok"], true);
+}
