@@ -26,8 +26,12 @@ async fn twenty_concurrent_21004_cause_one_get_app_token() {
         .await
         .unwrap();
     assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
-    // Another party revokes the token: every call now gets 21004.
+    // Another party revokes the token: every call now gets 21004. The
+    // simulator answers after 200 ms, so all 20 calls are in flight with the
+    // revoked token before the first refresh can complete, however the
+    // machine schedules them.
     control(&sim, "POST", "/_sim/revoke", json!({})).await;
+    set_faults(&sim, json!({"latency_ms": 200})).await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let (c, r) = (client.clone(), req.clone());
