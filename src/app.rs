@@ -449,6 +449,19 @@ enum Event {
 /// `ehc-agent run`: start, serve, reload on SIGHUP, stop on SIGTERM/SIGINT.
 pub async fn run(mut cfg: Config) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first: a SIGHUP (`systemctl reload`) or SIGTERM arriving
+    // while the agent starts must be handled, not kill it by default action.
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers; not starting");
+            return Ok(());
+        }
+    };
     let mut app = App::start(&cfg).await?;
     let status = app.core.status().await;
     notify(&[
@@ -462,18 +475,6 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
         STATUS_EVERY
     };
     let watchdog = watchdog_usec > 0;
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            tracing::error!("cannot install signal handlers; stopping");
-            app.shutdown().await;
-            return Ok(());
-        }
-    };
     let mut ticker = tokio::time::interval(tick);
     loop {
         let ev = tokio::select! {

@@ -140,7 +140,13 @@ async fn long_outage_then_everything_drains() {
     };
     assert_eq!(rows.len(), 30);
     assert!(rows.iter().all(|r| r.sent_at.is_none()));
-    assert!(rig.outbox.status().consecutive_failures >= 30);
+    assert!(
+        rig.outbox
+            .wait_status(std::time::Duration::from_secs(30), |s| s
+                .consecutive_failures
+                >= 30)
+            .await
+    );
     let now = rig.now();
     assert!(
         rows.iter()
@@ -155,7 +161,13 @@ async fn long_outage_then_everything_drains() {
     rig.drained().await;
     let st = state(&rig.sim).await;
     assert_eq!(st["uniqueReports"], 31);
-    assert_eq!(rig.outbox.status().consecutive_failures, 0);
+    assert!(
+        rig.outbox
+            .wait_status(std::time::Duration::from_secs(30), |s| s
+                .consecutive_failures
+                == 0)
+            .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
