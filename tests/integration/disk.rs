@@ -77,11 +77,8 @@ async fn full_disk_then_space_returns() {
         }
     }
     assert!(unrecorded > 0, "a full disk refuses the writes");
-    assert!(
-        d.log().contains("outbox cannot be written"),
-        "the fault is logged"
-    );
-    // Space returns; the next scan writes the spilled uses first.
+    d.wait_log("outbox cannot be written", 1); // the fault is logged
+                                               // Space returns; the next scan writes the spilled uses first.
     std::fs::remove_file(&filler).unwrap();
     d.scan(&codes[0]);
     assert_eq!(his.next_of(&["card"]).await["recorded"], true);
@@ -89,7 +86,7 @@ async fn full_disk_then_space_returns() {
         s["uniqueReports"] == 4
     })
     .await;
-    assert!(d.log().contains("spilled uses written to the outbox"));
+    d.wait_log("spilled uses written to the outbox", 1);
     let (status, log, _) = d.stop();
     assert!(status.success(), "{log}");
     drop(fs);

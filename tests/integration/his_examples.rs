@@ -189,5 +189,5 @@ async fn browser_example_page() {
         .unwrap()
         .iter()
         .any(|r| r["scene"] == "010106" && r["qrCodeText"] == card3.as_str()));
-    assert!(d.log().contains("HIS client connected (websocket)"));
+    d.wait_log("HIS client connected (websocket)", 1);
 }
