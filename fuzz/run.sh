@@ -17,7 +17,7 @@ status=0
 for t in $(cargo fuzz list); do
     mkdir -p "corpus/$t"
     log=$(mktemp)
-    cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 >"$log" 2>&1
+    cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 >"$log" 2>&1
     rc=$?
     runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
