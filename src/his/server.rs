@@ -242,19 +242,36 @@ impl<H> Clone for Ctx<H> {
 /// so a descriptor shortage does not become a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The next connection from `accept`, or `None` once cancelled. Accept
+/// errors are logged and retried after [`ACCEPT_BACKOFF`].
+async fn next_conn<S, A, F, Fut>(
+    cancel: &CancellationToken,
+    listener: &str,
+    mut accept: F,
+) -> Option<(S, A)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<(S, A)>>,
+{
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(listener, error = %e, "HIS accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
 async fn accept_unix<H: Handler>(l: UnixListener, gid: Option<u32>, ctx: Ctx<H>) {
     let own = nix::unistd::geteuid().as_raw();
     loop {
-        let (s, _) = tokio::select! {
-            _ = ctx.cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HIS socket accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+        let Some((s, _)) = next_conn(&ctx.cancel, "unix", || l.accept()).await else {
+            return;
         };
         let cred = match s.peer_cred() {
             Ok(c) => c,
@@ -287,16 +304,8 @@ async fn accept_unix<H: Handler>(l: UnixListener, gid: Option<u32>, ctx: Ctx<H>)
 
 async fn accept_tcp<H: Handler>(l: TcpListener, ctx: Ctx<H>) {
     loop {
-        let (s, addr) = tokio::select! {
-            _ = ctx.cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HIS TCP accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+        let Some((s, addr)) = next_conn(&ctx.cancel, "tcp", || l.accept()).await else {
+            return;
         };
         let _ = s.set_nodelay(true);
         tracing::info!(peer = %addr, "HIS client connected (tcp)");
@@ -319,16 +328,8 @@ async fn accept_tcp<H: Handler>(l: TcpListener, ctx: Ctx<H>) {
 async fn accept_ws<H: Handler>(l: TcpListener, origins: Arc<Vec<String>>, ctx: Ctx<H>) {
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
     loop {
-        let (s, addr) = tokio::select! {
-            _ = ctx.cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HIS WebSocket accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+        let Some((s, addr)) = next_conn(&ctx.cancel, "websocket", || l.accept()).await else {
+            return;
         };
         let (ctx2, origins) = (ctx.clone(), origins.clone());
         ctx.tracker.spawn(async move {
