@@ -245,22 +245,33 @@ pub async fn run(
     states.set(&spec.name, ScannerState::Closed);
 }
 
+/// The device went away (unplugged, or an I/O error): wait for it.
+fn unplugged(states: &ScannerStates, name: &str, why: impl std::fmt::Display) -> End {
+    states.set(name, ScannerState::WaitingForDevice);
+    End::Gone(why.to_string())
+}
+
+/// The device is there but cannot be used as configured.
+fn unusable(states: &ScannerStates, name: &str, cause: String) -> End {
+    states.set(
+        name,
+        ScannerState::Error {
+            cause: cause.clone(),
+        },
+    );
+    End::Gone(cause)
+}
+
 /// Open failures: a missing node means "waiting", anything else an error.
 fn open_failed(states: &ScannerStates, name: &str, e: &std::io::Error) -> End {
     if e.kind() == std::io::ErrorKind::NotFound
         || e.raw_os_error() == Some(nix::libc::ENODEV)
         || e.raw_os_error() == Some(nix::libc::ENXIO)
     {
-        states.set(name, ScannerState::WaitingForDevice);
+        unplugged(states, name, e)
     } else {
-        states.set(
-            name,
-            ScannerState::Error {
-                cause: e.to_string(),
-            },
-        );
+        unusable(states, name, e.to_string())
     }
-    End::Gone(e.to_string())
 }
 
 async fn serial_session(
@@ -281,13 +292,7 @@ async fn serial_session(
         Err(e) => return open_failed(states, &spec.name, &std::io::Error::from(e)),
     };
     if let Err(e) = port.set_exclusive(true) {
-        states.set(
-            &spec.name,
-            ScannerState::Error {
-                cause: format!("cannot open exclusively: {e}"),
-            },
-        );
-        return End::Gone(e.to_string());
+        return unusable(states, &spec.name, format!("cannot open exclusively: {e}"));
     }
     states.set(&spec.name, ScannerState::Connected);
     let mut sink = Sink::new(spec, spec.terminator, tx.clone(), states.clone());
@@ -298,12 +303,12 @@ async fn serial_session(
         tokio::select! {
             _ = cancel.cancelled() => return End::Cancelled,
             r = port.read(&mut buf) => match r {
-                Ok(0) => { states.set(&spec.name, ScannerState::WaitingForDevice); return End::Gone("end of file".into()) }
+                Ok(0) => return unplugged(states, &spec.name, "end of file"),
                 Ok(n) => {
                     pending = true;
                     if !sink.push(&buf[..n]).await { return End::Cancelled }
                 }
-                Err(e) => { states.set(&spec.name, ScannerState::WaitingForDevice); return End::Gone(e.to_string()) }
+                Err(e) => return unplugged(states, &spec.name, e),
             },
             _ = tokio::time::sleep(idle), if pending => {
                 pending = false;
@@ -326,13 +331,11 @@ async fn evdev_session(
     };
     if let Err(e) = dev.grab() {
         // Without the grab the scanner would also type into the desktop.
-        states.set(
+        return unusable(
+            states,
             &spec.name,
-            ScannerState::Error {
-                cause: format!("cannot grab the device (is another program holding it?): {e}"),
-            },
+            format!("cannot grab the device (is another program holding it?): {e}"),
         );
-        return End::Gone(e.to_string());
     }
     let mut events = match dev.into_event_stream() {
         Ok(s) => s,
@@ -355,7 +358,7 @@ async fn evdev_session(
                     }
                 }
                 Ok(_) => {}
-                Err(e) => { states.set(&spec.name, ScannerState::WaitingForDevice); return End::Gone(e.to_string()) }
+                Err(e) => return unplugged(states, &spec.name, e),
             },
             _ = tokio::time::sleep(idle), if pending => {
                 pending = false;
@@ -382,8 +385,7 @@ async fn hidpos_session(
     cancel: &CancellationToken,
 ) -> End {
     let Some(path) = hidpos_path(spec) else {
-        states.set(&spec.name, ScannerState::WaitingForDevice);
-        return End::Gone("no matching hidraw node".into());
+        return unplugged(states, &spec.name, "no matching hidraw node");
     };
     // hidraw hands out one report per read; tokio's File reads on the
     // blocking pool, and a read cut short by the idle timer keeps its data
@@ -402,9 +404,9 @@ async fn hidpos_session(
         let done = tokio::select! {
             _ = cancel.cancelled() => return End::Cancelled,
             r = file.read(&mut buf) => match r {
-                Ok(0) => { states.set(&spec.name, ScannerState::WaitingForDevice); return End::Gone("end of file".into()) }
+                Ok(0) => return unplugged(states, &spec.name, "end of file"),
                 Ok(n) => { pending = true; asm.report(&buf[..n]) }
-                Err(e) => { states.set(&spec.name, ScannerState::WaitingForDevice); return End::Gone(e.to_string()) }
+                Err(e) => return unplugged(states, &spec.name, e),
             },
             _ = tokio::time::sleep(idle), if pending => { pending = false; asm.idle() }
         };

@@ -1,16 +1,8 @@
 //! The binary's commands as an operator runs them.
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ehc-agent"));
-    c.env_remove("EHC_AGENT_CONFIG")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("RUNTIME_DIRECTORY");
-    c
-}
+use crate::common::agent;
 
 #[test]
 fn sign_prints_the_reference_signature() {
@@ -23,7 +15,7 @@ fn sign_prints_the_reference_signature() {
         r#"{"commonIn":{"appToken":"","requestId":"DB4D975748A84309977EA25224C0F5CF","hospitalId":"90003","timestamp":"1525392000","sign":""},"req":{"appId":"a1a2e0bde41574ad8ea9a4bb58022oop"}}"#,
     )
     .unwrap();
-    let out = bin()
+    let out = agent()
         .arg("sign")
         .arg("--app-secret-file")
         .arg(&secret)
@@ -73,7 +65,7 @@ concurency = 4                               # 5: typo
         ),
     )
     .unwrap();
-    let out = bin()
+    let out = agent()
         .arg("check")
         .arg("--config")
         .arg(&cfg)
@@ -100,7 +92,7 @@ fn check_accepts_the_shipped_example_given_a_secret() {
     std::fs::write(&secret, "x").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/agent.toml");
-    let out = bin()
+    let out = agent()
         .arg("check")
         .arg("--config")
         .arg(example)
@@ -119,7 +111,7 @@ fn check_accepts_the_shipped_example_given_a_secret() {
 
 #[test]
 fn missing_configuration_is_a_usage_error() {
-    let out = bin()
+    let out = agent()
         .arg("check")
         .arg("--config")
         .arg("/nonexistent/agent.toml")

@@ -192,3 +192,14 @@ pub async fn json_of(r: reqwest::Response) -> Value {
     let text = r.text().await.unwrap();
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
 }
+
+/// The `ehc-agent` binary, with none of the caller's configuration or
+/// systemd directories leaking in.
+pub fn agent() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ehc-agent"));
+    c.env_remove("EHC_AGENT_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY");
+    c
+}

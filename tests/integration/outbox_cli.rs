@@ -1,21 +1,11 @@
 //! `ehc-agent outbox list|retry|purge|flush` as an operator runs them.
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 
 use ehc_agent::outbox::{Kind, NewRow, Store};
 use serde_json::Value;
 
 use crate::common::*;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ehc-agent"));
-    c.env_remove("EHC_AGENT_CONFIG")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("RUNTIME_DIRECTORY");
-    c
-}
 
 fn rows(qr: &str, n: usize) -> Vec<NewRow> {
     (0..n)
@@ -42,7 +32,7 @@ fn list_retry_purge() {
     s.mark_sent(ids[1], now(), 0).unwrap();
     drop(s);
 
-    let out = bin()
+    let out = agent()
         .args(["outbox", "list", "--json", "--outbox"])
         .arg(&path)
         .output()
@@ -64,7 +54,7 @@ fn list_retry_purge() {
         "QR texts are masked"
     );
 
-    let out = bin()
+    let out = agent()
         .args(["outbox", "list", "--outbox"])
         .arg(&path)
         .output()
@@ -75,26 +65,26 @@ fn list_retry_purge() {
         "{text}"
     );
 
-    let out = bin()
+    let out = agent()
         .args(["outbox", "retry"])
         .arg("--outbox")
         .arg(&path)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "retry needs an id or --held");
-    let out = bin()
+    let out = agent()
         .args(["outbox", "retry", "--held", "--outbox"])
         .arg(&path)
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-queued 1"));
-    let out = bin()
+    let out = agent()
         .args(["outbox", "purge", "--held", "--outbox"])
         .arg(&path)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "held rows need --yes");
-    let out = bin()
+    let out = agent()
         .args(["outbox", "purge", "--outbox"])
         .arg(&path)
         .output()
@@ -135,7 +125,7 @@ async fn flush_uploads_everything_or_says_why_not() {
     drop(s);
     let cfg = flush_config(dir.path(), &sim.base_url(), SECRET);
     let out = tokio::task::spawn_blocking(move || {
-        bin()
+        agent()
             .args(["outbox", "flush", "--config"])
             .arg(&cfg)
             .output()
@@ -159,7 +149,7 @@ async fn flush_uploads_everything_or_says_why_not() {
         .unwrap();
     let cfg = flush_config(dir.path(), &sim.base_url(), "wrong-secret");
     let out = tokio::task::spawn_blocking(move || {
-        bin()
+        agent()
             .args(["outbox", "flush", "--config"])
             .arg(&cfg)
             .output()

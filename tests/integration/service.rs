@@ -2,18 +2,10 @@
 //! load, SIGHUP with a broken and a good configuration, `status --json`,
 //! `scan`, and the metrics endpoint.
 
-use std::process::Command;
-
 use serde_json::{json, Value};
 
 use crate::common::*;
 use crate::daemon::*;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ehc-agent"));
-    c.env_remove("EHC_AGENT_CONFIG");
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_ready_after_listeners_accept_and_watchdog_keeps_coming() {
@@ -143,7 +135,7 @@ async fn sighup_refuses_a_broken_configuration_and_applies_a_good_one() {
     let mut his2 = HisClient::unix(&d).await;
     his2.send(&json!({"type": "ping", "ref": 2})).await;
     assert_eq!(his2.next_of(&["reply"]).await["ok"], true);
-    let out = bin()
+    let out = agent()
         .args(["status", "--json", "--control"])
         .arg(&d.control)
         .output()
@@ -170,7 +162,7 @@ async fn status_reflects_unplugged_scanner_stopped_uploads_and_held_rows() {
     )
     .await;
     let scan = |text: &str| {
-        bin()
+        agent()
             .args(["scan", text, "--control"])
             .arg(&d.control)
             .output()
@@ -188,7 +180,7 @@ async fn status_reflects_unplugged_scanner_stopped_uploads_and_held_rows() {
     scan(&sim.with_state(|s| s.static_code(1)).unwrap());
     d.wait_log("uploads stopped", 1);
 
-    let out = bin()
+    let out = agent()
         .args(["status", "--json", "--control"])
         .arg(&d.control)
         .output()
@@ -208,7 +200,7 @@ async fn status_reflects_unplugged_scanner_stopped_uploads_and_held_rows() {
     assert_eq!(st["outbox"]["pending"], 1, "the stopped row is kept");
     assert_eq!(st["attention"].as_array().unwrap().len(), 3, "{st}");
     let human = String::from_utf8(
-        bin()
+        agent()
             .args(["status", "--control"])
             .arg(&d.control)
             .output()
@@ -221,7 +213,7 @@ async fn status_reflects_unplugged_scanner_stopped_uploads_and_held_rows() {
         "{human}"
     );
     // Through the daemon: list the held row, re-queue it.
-    let out = bin()
+    let out = agent()
         .args(["outbox", "list", "--json", "--control"])
         .arg(&d.control)
         .output()
@@ -231,7 +223,7 @@ async fn status_reflects_unplugged_scanner_stopped_uploads_and_held_rows() {
     let (status, log, _) = d.stop();
     assert!(status.success(), "{log}");
     // Not running: exit 3.
-    let out = bin()
+    let out = agent()
         .args(["status", "--control"])
         .arg("/nonexistent/control.sock")
         .output()
@@ -291,7 +283,7 @@ async fn metrics_endpoint_serves_the_named_series_and_they_move() {
 async fn a_second_agent_on_the_same_socket_is_refused() {
     let sim = sim().await;
     let d = Daemon::start(&sim).await;
-    let out = bin()
+    let out = agent()
         .args(["run", "--config"])
         .arg(d.path().join("agent.toml"))
         .env_remove("RUNTIME_DIRECTORY")
