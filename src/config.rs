@@ -819,39 +819,17 @@ impl Validator {
                 return None;
             }
         };
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) => {
-                self.problem(key, format!("{}: {e}", path.display()));
-                return None;
-            }
+        let readers = if from_credential {
+            crate::secrets::Readers::Credential
+        } else {
+            crate::secrets::Readers::Owner
         };
-        // systemd makes credentials readable by the service only; the mode
-        // check is for files an administrator created by hand.
-        if !from_credential {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode();
-            if mode & 0o044 != 0 {
-                self.problem(
-                    key,
-                    format!(
-                        "{} is readable by group or others (mode {:o}); run `chmod 600` on it",
-                        path.display(),
-                        mode & 0o777
-                    ),
-                );
-            }
-        }
-        match std::fs::read_to_string(&path) {
+        match crate::secrets::read(&path, readers) {
             Err(e) => {
-                self.problem(key, format!("cannot read {}: {e}", path.display()));
+                self.problem(key, e.to_string());
                 None
             }
-            Ok(s) if s.trim().is_empty() => {
-                self.problem(key, format!("{} is empty", path.display()));
-                None
-            }
-            Ok(s) => Some((path, Secret(s.trim().to_owned()))),
+            Ok(s) => Some((path, Secret(s))),
         }
     }
 

@@ -28,6 +28,7 @@
 //! | [`metrics`] | Prometheus metrics (prometheus-client) and their endpoint's content |
 //! | [`demo`] | `ehc-agent demo`: simulator + agent + HIS client in one process |
 //! | [`pii`] | masking names, ID numbers, phones and QR texts before they reach a log |
+//! | [`secrets`] | reading secret files (app secret, HIS token): type and mode checks, BOM and white space |
 
 pub mod app;
 pub mod cli;
@@ -44,5 +45,6 @@ pub mod pii;
 pub mod pipeline;
 pub mod platform;
 pub mod scanner;
+pub mod secrets;
 pub mod sim;
 pub mod status;

@@ -27,7 +27,7 @@ use crate::config::{Config, StaticOffline};
 use crate::his::protocol::{CardIdentity, FailReason, In, Out};
 use crate::his::server::Handler;
 use crate::his::Hub;
-use crate::outbox::{Kind, NewRow, Outbox};
+use crate::outbox::{Kind, NewRow, Outbox, Replaced};
 use crate::pii;
 use crate::platform::api::{
     BindReq, GetHealthCardByQrCode, QrCodeReq, ReportReq, VerifyQrCode, VerifyQrCodeReq,
@@ -40,6 +40,10 @@ use crate::scanner::Scan;
 const REMEMBERED_SCANS: usize = 4096;
 /// How long a scan can still be referred to by `use` / `bind` (seconds).
 const SCAN_MEMORY_S: i64 = 24 * 3600;
+/// Most `use`s HIS may send for one scan. A patient's card is used a few
+/// times at one visit (registration, payment, pharmacy); past this a client
+/// is inflating the hospital's reports, and is refused.
+pub const MAX_USES_PER_SCAN: u32 = 5;
 
 /// What the pipeline needs from the configuration.
 #[derive(Debug, Clone)]
@@ -85,6 +89,10 @@ struct Remembered {
     text: String,
     dynamic: bool,
     at: i64,
+    /// `use`s HIS has sent for this scan.
+    his_uses: u32,
+    /// The default use was committed as *waiting* (`use_wait_s > 0`).
+    waiting_default: bool,
 }
 
 /// Counters for status and metrics.
@@ -289,7 +297,8 @@ impl Pipeline {
         if !recorded {
             self.count(|s| s.unrecorded += 1);
         }
-        self.remember(&scan_id, text, dynamic, scan.at);
+        let waiting_default = s.use_wait_s > 0 && !(dynamic && !s.report_dynamic);
+        self.remember(&scan_id, text, dynamic, scan.at, waiting_default);
         self.count(|s| s.cards += 1);
         Out::Card {
             scan_id,
@@ -359,7 +368,7 @@ impl Pipeline {
         }
     }
 
-    fn remember(&self, scan_id: &str, text: &str, dynamic: bool, at: i64) {
+    fn remember(&self, scan_id: &str, text: &str, dynamic: bool, at: i64, waiting_default: bool) {
         let mut g = self.scans.lock().unwrap_or_else(|e| e.into_inner());
         let (map, order) = &mut *g;
         map.insert(
@@ -368,6 +377,8 @@ impl Pipeline {
                 text: text.to_owned(),
                 dynamic,
                 at,
+                his_uses: 0,
+                waiting_default,
             },
         );
         order.push_back(scan_id.to_owned());
@@ -385,23 +396,40 @@ impl Pipeline {
             .cloned()
     }
 
+    /// Take one of the scan's use slots (at most [`MAX_USES_PER_SCAN`]);
+    /// returns which use this is (1 = the first).
+    fn take_use(&self, scan_id: &str) -> Result<u32, String> {
+        let mut g = self.scans.lock().unwrap_or_else(|e| e.into_inner());
+        let r = g.0.get_mut(scan_id).ok_or_else(|| unknown_scan(scan_id))?;
+        if r.his_uses >= MAX_USES_PER_SCAN {
+            return Err(format!(
+                "scan `{scan_id}` already has {MAX_USES_PER_SCAN} uses, the most one scan may have; scan the card again for a new visit"
+            ));
+        }
+        r.his_uses += 1;
+        Ok(r.his_uses)
+    }
+
+    /// HIS's `use`. With `use_wait_s = 0` each `use` is one more use. With
+    /// `use_wait_s > 0` the first `use` *is* the use the waiting default
+    /// stood for: it replaces the default while that still waits, and if
+    /// the default's deadline has already passed (it is claimed or sent) it
+    /// adds nothing, so the scan is never reported twice for one use.
+    /// Later `use`s add uses.
     async fn on_use(
         &self,
         scan_id: &str,
         scene: Option<String>,
         department: Option<String>,
     ) -> Result<(), String> {
-        let r = self.recall(scan_id).ok_or_else(|| {
-            format!(
-                "unknown scanId `{scan_id}` (cards are remembered for 24 h, not across restarts)"
-            )
-        })?;
+        let r = self.recall(scan_id).ok_or_else(|| unknown_scan(scan_id))?;
         let s = &self.settings;
         let scene = scene.unwrap_or_else(|| s.scene.clone());
         let department = department.or_else(|| s.department.clone());
         if tables::scene_needs_department(&scene) && department.is_none() {
             return Err(format!("scene {scene} needs a department"));
         }
+        let nth = self.take_use(scan_id)?;
         if r.dynamic && !s.report_dynamic {
             return Ok(());
         }
@@ -413,19 +441,28 @@ impl Pipeline {
             clock::now_unix(),
             None,
         );
-        tracing::info!(scan_id, scene = %scene, "use recorded from HIS");
-        self.outbox
-            .record_replacing(scan_id.to_owned(), vec![row])
-            .await;
+        if nth == 1 && r.waiting_default {
+            match self.outbox.record_replacing(scan_id.to_owned(), vec![row]).await {
+                Replaced::Committed(1) => {
+                    tracing::info!(scan_id, scene = %scene, "use from HIS replaced the waiting default use")
+                }
+                Replaced::Committed(_) => {
+                    // The default's wait ended before this `use` came: it is
+                    // being (or was) reported, and HIS's row was not added,
+                    // since reporting it too would count one use twice.
+                    tracing::warn!(scan_id, scene = %scene, "use from HIS came after use_wait_s: the default use already stands for it (raise use_wait_s)");
+                }
+                Replaced::Spilled => {}
+            }
+            return Ok(());
+        }
+        tracing::info!(scan_id, scene = %scene, nth, "use recorded from HIS");
+        self.outbox.record(vec![row]).await;
         Ok(())
     }
 
     async fn on_bind(&self, scan_id: &str, patid: String) -> Result<(), String> {
-        let r = self.recall(scan_id).ok_or_else(|| {
-            format!(
-                "unknown scanId `{scan_id}` (cards are remembered for 24 h, not across restarts)"
-            )
-        })?;
+        let r = self.recall(scan_id).ok_or_else(|| unknown_scan(scan_id))?;
         let req = BindReq {
             patid,
             qr_code_text: r.text,
@@ -442,6 +479,10 @@ impl Pipeline {
         self.outbox.record(vec![row]).await;
         Ok(())
     }
+}
+
+fn unknown_scan(scan_id: &str) -> String {
+    format!("unknown scanId `{scan_id}` (cards are remembered for 24 h, not across restarts)")
 }
 
 impl Handler for Pipeline {

@@ -87,6 +87,15 @@ impl SpillItem {
     }
 }
 
+/// What became of HIS's `use` ([`Outbox::record_replacing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaced {
+    /// On disk; this many waiting default uses were replaced (0 or 1).
+    Committed(usize),
+    /// The disk refused: kept in memory, applied when it can be.
+    Spilled,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -173,11 +182,20 @@ impl Outbox {
     }
 
     /// HIS's own `use` for a scan: replaces the scan's waiting default use.
-    pub async fn record_replacing(&self, scan_id: String, rows: Vec<NewRow>) -> bool {
-        self.commit(SpillItem::Replace(scan_id, rows)).await
+    pub async fn record_replacing(&self, scan_id: String, rows: Vec<NewRow>) -> Replaced {
+        match self.commit_counted(SpillItem::Replace(scan_id, rows)).await {
+            Some(n) => Replaced::Committed(n),
+            None => Replaced::Spilled,
+        }
     }
 
     async fn commit(&self, item: SpillItem) -> bool {
+        self.commit_counted(item).await.is_some()
+    }
+
+    /// Commit `item`: `Some(waiting rows replaced)` once it is on disk,
+    /// `None` when it went to the spill.
+    async fn commit_counted(&self, item: SpillItem) -> Option<usize> {
         let inner = self.inner.clone();
         let ok = tokio::task::spawn_blocking(move || {
             let mut guard = lock(&inner.store);
@@ -185,30 +203,30 @@ impl Outbox {
                 Ok(s) => s,
                 Err(e) => {
                     spill(&inner, item, &e);
-                    return false;
+                    return None;
                 }
             };
             // Older spilled uses first, to keep their order.
             flush_spill(&inner, store);
             let result = match &item {
-                SpillItem::Insert(rows) => store.insert(rows).map(|_| ()),
-                SpillItem::Replace(scan, rows) => store.replace_waiting(scan, rows).map(|_| ()),
+                SpillItem::Insert(rows) => store.insert(rows).map(|_| 0),
+                SpillItem::Replace(scan, rows) => store.replace_waiting(scan, rows),
             };
             match result {
-                Ok(()) => {
+                Ok(n) => {
                     if lock(&inner.spill).is_empty() {
                         lock(&inner.status).disk_fault = None;
                     }
-                    true
+                    Some(n)
                 }
                 Err(e) => {
                     spill(&inner, item, &e);
-                    false
+                    None
                 }
             }
         })
         .await
-        .unwrap_or(false);
+        .unwrap_or(None);
         self.inner.wake.notify_one();
         ok
     }

@@ -17,9 +17,17 @@
 //! 4. Rows in flight are not marked in the file: a crash leaves them
 //!    `pending`, and they are retried with the same requestId.
 //!
-//! States: `waiting` (a default use waiting `use_wait_s` for HIS's `use`;
-//! due at its deadline like a pending row), `pending`, `sent`, `held`
-//! (parked after a permanent error, with its code; `outbox retry` re-queues).
+//! 5. A `waiting` row (a default use waiting `use_wait_s` for HIS's `use`)
+//!    becomes `pending` only through its deadline, and only in the same
+//!    transaction that claims it for upload ([`Store::due`]). So a waiting
+//!    row is never in flight, [`Store::replace_waiting`] (which deletes only
+//!    waiting rows) can never delete a row the uploader is sending, and
+//!    [`Store::make_all_due`] (recovery, `outbox flush`) never cuts a wait
+//!    short. Either HIS's `use` replaces the default or the default is
+//!    reported: never both.
+//!
+//! States: `waiting`, `pending`, `sent`, `held` (parked after a permanent
+//! error, with its code; `outbox retry` re-queues).
 
 use std::path::{Path, PathBuf};
 
@@ -305,9 +313,12 @@ impl Store {
         Ok(ids)
     }
 
-    /// HIS sent its own `use` for a scan: drop that scan's *waiting* default
-    /// use (never uploaded) and insert the new rows, in one transaction.
-    /// Returns how many waiting rows were replaced.
+    /// HIS sent its first `use` for a scan: drop that scan's *waiting*
+    /// default use (never claimed, never uploaded: invariant 5) and insert
+    /// `rows` in its place, in one transaction. If no default is waiting any
+    /// more (its deadline came and it was claimed), nothing is inserted: the
+    /// default already stands for this use. Returns how many waiting rows
+    /// were replaced.
     pub fn replace_waiting(&mut self, scan_id: &str, rows: &[NewRow]) -> Result<usize, StoreError> {
         let path = self.path.clone();
         let wrap = |source| StoreError::Sqlite {
@@ -321,7 +332,9 @@ impl Store {
                 params![scan_id],
             )
             .map_err(wrap)?;
-        insert_rows(&tx, rows).map_err(wrap)?;
+        if n > 0 {
+            insert_rows(&tx, rows).map_err(wrap)?;
+        }
         tx.commit().map_err(wrap)?;
         Ok(n)
     }
@@ -329,18 +342,32 @@ impl Store {
     /// Rows due at `now`, at most `limit`: half the places for the newest
     /// rows, the rest for the longest-waiting, so a long backlog never
     /// starves today's uses and today's uses never starve the backlog.
+    ///
+    /// Waiting rows whose deadline has come become pending here, in the
+    /// same transaction as the read that claims them (invariant 5).
     pub fn due(
-        &self,
+        &mut self,
         now: i64,
         limit: usize,
         exclude: &std::collections::HashSet<i64>,
     ) -> Result<Vec<Row>, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let lim = (limit + exclude.len()) as i64;
+        let tx = self.conn.transaction().map_err(wrap)?;
+        tx.execute(
+            "UPDATE rows SET state = 'pending' WHERE state = 'waiting' AND next_attempt_at <= ?1",
+            params![now],
+        )
+        .map_err(wrap)?;
         let q = |order: &str, n: i64| -> Result<Vec<Row>, rusqlite::Error> {
             let sql = format!(
-                "SELECT {COLS} FROM rows WHERE state IN ('pending', 'waiting') AND next_attempt_at <= ?1 ORDER BY {order} LIMIT ?2"
+                "SELECT {COLS} FROM rows WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY {order} LIMIT ?2"
             );
-            let mut st = self.conn.prepare_cached(&sql)?;
+            let mut st = tx.prepare_cached(&sql)?;
             let rows = st.query_map(params![now, n], row_from)?;
             rows.collect()
         };
@@ -348,8 +375,9 @@ impl Store {
             "created_at DESC, id DESC",
             (limit as i64 + 1) / 2 + exclude.len() as i64,
         )
-        .map_err(|e| self.err(e))?;
-        let oldest = q("next_attempt_at ASC, id ASC", lim).map_err(|e| self.err(e))?;
+        .map_err(wrap)?;
+        let oldest = q("next_attempt_at ASC, id ASC", lim).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
         let mut out: Vec<Row> = Vec::with_capacity(limit);
         let mut seen = std::collections::HashSet::new();
         for r in newest.into_iter().chain(oldest) {
@@ -415,11 +443,12 @@ impl Store {
         n.map_err(|e| self.err(e))
     }
 
-    /// Make every pending row due now (`outbox flush`).
+    /// Make every pending row due now (`outbox flush`, recovery). Waiting
+    /// rows keep their deadline: HIS may still send its `use`.
     pub fn make_all_due(&mut self, now: i64) -> Result<usize, StoreError> {
         self.conn
             .execute(
-                "UPDATE rows SET next_attempt_at = ?1 WHERE state IN ('pending', 'waiting') AND next_attempt_at > ?1",
+                "UPDATE rows SET next_attempt_at = ?1 WHERE state = 'pending' AND next_attempt_at > ?1",
                 params![now],
             )
             .map_err(|e| self.err(e))
@@ -674,20 +703,66 @@ mod tests {
     fn waiting_rows_are_replaced_by_his_use() {
         let d = tempfile::tempdir().unwrap();
         let mut s = Store::open(&d.path().join("o.sqlite")).unwrap();
-        let mut w = row("W", "S1", 10);
-        w.wait_until = Some(40);
-        s.insert(&[w]).unwrap();
+        let waiting = |rid: &str, scan: &str, until: i64| NewRow {
+            wait_until: Some(until),
+            ..row(rid, scan, 10)
+        };
+        s.insert(&[waiting("W", "S1", 40)]).unwrap();
         let none = Default::default();
         assert!(s.due(39, 10, &none).unwrap().is_empty());
-        assert_eq!(
-            s.due(40, 10, &none).unwrap().len(),
-            1,
-            "due at its deadline"
-        );
+        // Before its deadline HIS's use replaces the default use.
         assert_eq!(s.replace_waiting("S1", &[row("U1", "S1", 20)]).unwrap(), 1);
         assert_eq!(s.replace_waiting("S1", &[row("U2", "S1", 21)]).unwrap(), 0);
         let c = s.counts().unwrap();
-        assert_eq!((c.waiting, c.pending), (0, 2));
+        assert_eq!((c.waiting, c.pending), (0, 1), "nothing waits: U2 adds nothing");
+    }
+
+    /// Regression (reported twice): a waiting row claimed for upload at its
+    /// deadline was then deleted by HIS's late `use`, so `mark_sent` updated
+    /// nothing and HIS's row was sent too.
+    #[test]
+    fn a_claimed_waiting_row_is_never_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("o.sqlite")).unwrap();
+        s.insert(&[NewRow {
+            wait_until: Some(40),
+            ..row("W", "S1", 10)
+        }])
+        .unwrap();
+        let none = Default::default();
+        let claimed = s.due(40, 10, &none).unwrap();
+        assert_eq!(claimed.len(), 1, "due at its deadline");
+        assert_eq!(claimed[0].state, State::Pending, "claimed rows are pending");
+        assert_eq!(s.replace_waiting("S1", &[row("U", "S1", 41)]).unwrap(), 0);
+        assert!(s.get(claimed[0].id).unwrap().is_some(), "still in the file");
+        s.mark_sent(claimed[0].id, 41, 0).unwrap();
+        let c = s.counts().unwrap();
+        assert_eq!((c.sent, c.pending), (1, 0), "reported once: {c:?}");
+    }
+
+    /// Regression (8 of 11 cards reported twice): recovery and `outbox
+    /// flush` made waiting rows due before HIS's `use` could replace them.
+    #[test]
+    fn make_all_due_leaves_waiting_rows_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("o.sqlite")).unwrap();
+        s.insert(&[NewRow {
+            wait_until: Some(100),
+            ..row("W", "S1", 10)
+        }])
+        .unwrap();
+        let r = s.insert(&[row("P", "S2", 10)]).unwrap()[0];
+        s.mark_retry(r, 5000, Some(-1), "x").unwrap();
+        assert_eq!(s.make_all_due(50).unwrap(), 1, "only the pending row");
+        let none = Default::default();
+        let due: Vec<_> = s
+            .due(50, 10, &none)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(due, ["P"]);
+        assert_eq!(s.replace_waiting("S1", &[row("U", "S1", 60)]).unwrap(), 1);
     }
 
     #[test]
@@ -720,6 +795,11 @@ mod model {
     #[derive(Debug, Clone)]
     enum Op {
         Record(u8),
+        /// A default use waiting this long for HIS's `use`, for scan k.
+        RecordWaiting(u8, u16),
+        /// HIS's `use` for scan k.
+        Replace(u8),
+        MakeAllDue,
         Claim(u8),
         Ack(u8),
         Retry(u8, u16),
@@ -735,6 +815,9 @@ mod model {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (1u8..4).prop_map(Op::Record),
+            3 => (0u8..4, 0u16..3000).prop_map(|(k, w)| Op::RecordWaiting(k, w)),
+            2 => (0u8..4).prop_map(Op::Replace),
+            1 => Just(Op::MakeAllDue),
             4 => (1u8..8).prop_map(Op::Claim),
             3 => any::<u8>().prop_map(Op::Ack),
             2 => (any::<u8>(), 0u16..4000).prop_map(|(i, d)| Op::Retry(i, d)),
@@ -751,6 +834,7 @@ mod model {
     #[derive(Debug, Clone, PartialEq)]
     struct M {
         request_id: String,
+        scan: String,
         state: State,
         next: i64,
         sent_at: Option<i64>,
@@ -777,11 +861,46 @@ mod model {
                         let ids = store.insert(&rows).unwrap();
                         for (id, r) in ids.into_iter().zip(rows) {
                             prop_assert!(!model.contains_key(&id), "row id reused");
-                            model.insert(id, M { request_id: r.request_id, state: State::Pending, next: now, sent_at: None });
+                            model.insert(id, M { request_id: r.request_id, scan: "S".into(), state: State::Pending, next: now, sent_at: None });
+                        }
+                    }
+                    Op::RecordWaiting(k, wait) => {
+                        next_rid += 1;
+                        let r = NewRow { request_id: format!("{next_rid:032X}"), kind: Kind::Report, scan_id: format!("S{k}"), payload: "{}".into(), created_at: now, wait_until: Some(now + i64::from(wait)) };
+                        let id = store.insert(std::slice::from_ref(&r)).unwrap()[0];
+                        model.insert(id, M { request_id: r.request_id, scan: r.scan_id, state: State::Waiting, next: now + i64::from(wait), sent_at: None });
+                    }
+                    Op::Replace(k) => {
+                        next_rid += 1;
+                        let scan = format!("S{k}");
+                        let r = NewRow { request_id: format!("{next_rid:032X}"), kind: Kind::Report, scan_id: scan.clone(), payload: "{}".into(), created_at: now, wait_until: None };
+                        let n = store.replace_waiting(&scan, std::slice::from_ref(&r)).unwrap();
+                        let before = model.len();
+                        model.retain(|_, m| !(m.scan == scan && m.state == State::Waiting));
+                        prop_assert_eq!(n, before - model.len());
+                        let added = store.list(State::Pending, 100_000).unwrap().into_iter().find(|x| x.request_id == r.request_id);
+                        prop_assert_eq!(added.is_some(), n > 0, "HIS's row added only in place of a waiting default");
+                        if let Some(a) = added {
+                            model.insert(a.id, M { request_id: r.request_id, scan, state: State::Pending, next: now, sent_at: None });
+                        }
+                        // The invariant the uploader relies on: a row in
+                        // flight is never deleted under it.
+                        for id in &claimed {
+                            prop_assert!(store.get(*id).unwrap().is_some(), "claimed row {} deleted", id);
+                        }
+                    }
+                    Op::MakeAllDue => {
+                        store.make_all_due(now).unwrap();
+                        for m in model.values_mut().filter(|m| m.state == State::Pending) {
+                            m.next = m.next.min(now);
                         }
                     }
                     Op::Claim(n) => {
                         let exclude: HashSet<i64> = claimed.iter().copied().collect();
+                        // Waiting rows past their deadline are promoted by the claim.
+                        for m in model.values_mut().filter(|m| m.state == State::Waiting && m.next <= now) {
+                            m.state = State::Pending;
+                        }
                         let due = store.due(now, n as usize, &exclude).unwrap();
                         prop_assert!(due.len() <= n as usize);
                         for r in due {
