@@ -58,6 +58,8 @@ pub enum StartError {
     His(#[from] crate::his::server::HisError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    HisToken(#[from] crate::his::token::TokenError),
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -211,12 +213,41 @@ impl App {
             outbox.clone(),
             hub.clone(),
         ));
+        // Loopback TCP and WebSocket clients authenticate; the Unix socket
+        // is guarded by its mode and the peer check.
+        let token = if cfg.his_tcp.is_some() || cfg.his_ws.is_some() {
+            let gid = cfg.his.socket_group.as_deref().and_then(|g| {
+                nix::unistd::Group::from_name(g)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw())
+            });
+            let state_dir = cfg
+                .state_path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            let loaded = crate::his::token::load(
+                cfg.his_token.as_ref().map(|t| t.expose()),
+                &state_dir,
+                &cfg.his_unix,
+                gid,
+            )?;
+            if let Some(p) = &loaded.published {
+                tracing::info!(path = %p.display(), "HIS token for TCP and WebSocket clients published");
+            }
+            Some(loaded.token)
+        } else {
+            None
+        };
         let listeners = crate::his::server::bind(&HisSettings {
             unix: Some(cfg.his_unix.clone()),
             socket_group: cfg.his.socket_group.clone(),
             tcp: cfg.his_tcp,
             ws: cfg.his_ws,
             allowed_origins: cfg.his.allowed_origins.clone(),
+            token,
+            max_clients: cfg.his.max_clients,
         })
         .await?;
         let control_path = crate::control::path_for(&cfg.his_unix);
@@ -246,8 +277,8 @@ impl App {
             protocol: PROTOCOL_VERSION,
             agent: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")).into(),
             terminal_id: cfg.terminal.id.clone(),
-        }
-        .to_line();
+            auth: None,
+        };
         let (his_unix, his_tcp, his_ws) = (
             listeners.unix_path.clone(),
             listeners.tcp_addr,
@@ -256,7 +287,7 @@ impl App {
         listeners.serve(
             hub.clone(),
             pipeline.clone(),
-            hello.into(),
+            hello,
             cancel.clone(),
             &tracker,
         );

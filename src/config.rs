@@ -170,6 +170,16 @@ pub struct HisSection {
     pub hold_s: u64,
     #[serde(default)]
     pub use_wait_s: u64,
+    /// The token TCP and WebSocket clients present; default: generated and
+    /// kept in the state directory.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+}
+
+fn default_max_clients() -> usize {
+    crate::his::server::DEFAULT_MAX_CLIENTS
 }
 
 impl Default for HisSection {
@@ -182,6 +192,8 @@ impl Default for HisSection {
             allowed_origins: Vec::new(),
             hold_s: default_hold_s(),
             use_wait_s: 0,
+            token_file: None,
+            max_clients: default_max_clients(),
         }
     }
 }
@@ -295,6 +307,8 @@ pub struct Config {
     pub his_tcp: Option<SocketAddr>,
     pub his_ws: Option<SocketAddr>,
     pub his_unix: PathBuf,
+    /// The HIS token read from `his.token_file`, when one is set.
+    pub his_token: Option<Secret>,
     pub offline: OfflineSection,
     pub outbox: OutboxSection,
     pub outbox_path: PathBuf,
@@ -571,6 +585,20 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
     if let Some(g) = &his.socket_group {
         v.nonempty("his.socket_group", g);
     }
+    v.positive("his.max_clients", his.max_clients as u64);
+    let his_token = his.token_file.as_deref().map(resolve).and_then(|p| {
+        match crate::secrets::read(&p, crate::secrets::Readers::Group) {
+            Ok(t) if t.len() < 16 => {
+                v.problem("his.token_file", format!("{}: the token is shorter than 16 characters; use e.g. `openssl rand -hex 32`", p.display()));
+                None
+            }
+            Ok(t) => Some(Secret(t)),
+            Err(e) => {
+                v.problem("his.token_file", e.to_string());
+                None
+            }
+        }
+    });
 
     v.positive("outbox.batch", u64::from(outbox.batch));
     v.positive("outbox.concurrency", u64::from(outbox.concurrency));
@@ -627,6 +655,7 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         his_tcp,
         his_ws,
         his_unix,
+        his_token,
         offline,
         outbox,
         outbox_path,

@@ -279,6 +279,11 @@ impl Pipeline {
         card: CardIdentity,
         verified: bool,
     ) -> Out {
+        let mut card = card;
+        let cut = card.cap_fields();
+        if !cut.is_empty() {
+            tracing::warn!(scan_id = %scan_id, fields = ?cut, "the platform's answer had over-long identity fields; cut to the protocol's limits");
+        }
         let s = &self.settings;
         let recorded = if dynamic && !s.report_dynamic {
             true // verifyQRCode already counted this use
@@ -488,7 +493,9 @@ fn unknown_scan(scan_id: &str) -> String {
 impl Handler for Pipeline {
     async fn handle(&self, msg: In, peer: &str) -> Out {
         let (reference, result): (Option<Value>, Result<(), String>) = match msg {
-            In::Ping { reference } => (reference, Ok(())),
+            // Sessions answer `auth` themselves; one that gets here is on an
+            // admitted connection.
+            In::Ping { reference } | In::Auth { reference, .. } => (reference, Ok(())),
             In::Use {
                 reference,
                 scan_id,

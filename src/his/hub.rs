@@ -5,10 +5,20 @@
 //! logged, so one stuck HIS window never slows the others or the scan path:
 //! [`Hub::broadcast`] never waits.
 //!
-//! With no client connected, an event is held for `hold_s` and handed to the
-//! first client that connects (a window whose HIS was restarting still gets
-//! the card the patient just showed); past that it is dropped with a log
-//! line.
+//! A client that stops reading is *evicted*: its session is told through
+//! its [`Membership::evicted`] token and closes the connection. (Dropping
+//! the hub's sender alone is not enough: the session holds a sender of its
+//! own, so the queue never closes and the client would stay connected,
+//! answering pings and never getting another card.)
+//!
+//! With no *identified* client connected (one that has sent a message:
+//! `auth`, `ping`, anything), an event is also held for `hold_s`, at most
+//! [`MAX_HELD`] of them, and handed to the first client that identifies
+//! itself (a window whose HIS was restarting still gets the card the patient
+//! just showed). A probe that connects and closes without a word does not
+//! take them. Held events stay held until the session has written them
+//! ([`Hub::rehold`] puts back what it could not write); past `hold_s`, or
+//! past the bound, they are dropped and counted ([`Hub::held_dropped`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,8 +28,8 @@ use tokio::sync::mpsc;
 
 /// Lines a client may have waiting before it counts as stuck.
 pub const CLIENT_QUEUE: usize = 256;
-/// Most events held while no client is connected.
-const MAX_HELD: usize = 1024;
+/// Most events held while no identified client is connected.
+pub const MAX_HELD: usize = 1024;
 
 /// A line to send, shared between all clients' queues.
 pub type Line = Arc<str>;
@@ -34,20 +44,28 @@ struct State {
     next_id: u64,
     clients: HashMap<u64, Client>,
     held: VecDeque<(Line, Instant)>,
+    held_dropped: u64,
 }
 
 struct Client {
     peer: String,
     tx: mpsc::Sender<Line>,
+    evict: tokio_util::sync::CancellationToken,
+    identified: bool,
 }
 
-/// A client's registration: its id and the queue to drain.
+/// A client's registration: its id, the queue to drain, and the signal to
+/// close the connection.
 pub struct Membership {
     pub id: u64,
     pub rx: mpsc::Receiver<Line>,
-    /// Sender for the connection's own replies, into the same queue.
-    pub tx: mpsc::Sender<Line>,
+    /// Cancelled when the hub evicts the client (it stopped reading).
+    pub evicted: tokio_util::sync::CancellationToken,
 }
+
+/// Held events handed to a client, with their deadlines, so that what
+/// could not be written goes back ([`Hub::rehold`]).
+pub type Held = Vec<(Line, Instant)>;
 
 /// What [`Hub::clients`] reports.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -63,6 +81,7 @@ impl Hub {
                 next_id: 1,
                 clients: HashMap::new(),
                 held: VecDeque::new(),
+                held_dropped: 0,
             })),
             hold,
         }
@@ -72,73 +91,117 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Send `line` to every client; with none, hold it. Never waits.
-    /// Returns how many clients it was queued for.
+    /// Send `line` to every client; with no identified client, also hold
+    /// it. Never waits. Returns how many clients it was queued for.
     pub fn broadcast(&self, line: Line) -> usize {
         let mut st = self.lock();
         let now = Instant::now();
-        drop_expired(&mut st.held, now);
-        if st.clients.is_empty() {
-            if self.hold.is_zero() {
-                tracing::warn!("no HIS client connected and hold_s is 0: event dropped");
-            } else {
-                if st.held.len() >= MAX_HELD {
-                    st.held.pop_front();
-                    tracing::warn!("too many events held for HIS; the oldest was dropped");
-                }
-                st.held.push_back((line, now + self.hold));
-                tracing::info!(
-                    held = st.held.len(),
-                    hold_s = self.hold.as_secs(),
-                    "no HIS client connected: event held"
-                );
-            }
-            return 0;
-        }
+        drop_expired(&mut st, now);
         let mut stuck = Vec::new();
         let mut sent = 0;
+        let mut identified = 0;
         for (id, c) in &st.clients {
             match c.tx.try_send(line.clone()) {
-                Ok(()) => sent += 1,
+                Ok(()) => {
+                    sent += 1;
+                    identified += usize::from(c.identified);
+                }
                 Err(_) => stuck.push(*id),
             }
         }
         for id in stuck {
             if let Some(c) = st.clients.remove(&id) {
-                // Dropping the sender ends the client's writer, which closes
-                // the connection.
-                tracing::warn!(client = id, peer = %c.peer, queue = CLIENT_QUEUE, "HIS client is not reading; disconnected");
+                c.evict.cancel();
+                tracing::warn!(client = id, peer = %c.peer, queue = CLIENT_QUEUE, "HIS client is not reading; disconnecting it");
+            }
+        }
+        if identified == 0 {
+            if self.hold.is_zero() {
+                if sent == 0 {
+                    tracing::warn!("no HIS client connected and hold_s is 0: event dropped");
+                    st.held_dropped += 1;
+                }
+            } else {
+                if st.held.len() >= MAX_HELD {
+                    st.held.pop_front();
+                    st.held_dropped += 1;
+                    tracing::warn!(max = MAX_HELD, "too many events held for HIS; the oldest was dropped");
+                }
+                st.held.push_back((line, now + self.hold));
+                tracing::info!(
+                    held = st.held.len(),
+                    hold_s = self.hold.as_secs(),
+                    "no identified HIS client connected: event held"
+                );
             }
         }
         sent
     }
 
-    /// Register a client. Held events go to it first.
+    /// Register a client. It gets broadcasts from now on; held events only
+    /// once it identifies itself ([`Hub::identify`]).
     pub fn join(&self, peer: String) -> Membership {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let evicted = tokio_util::sync::CancellationToken::new();
         let mut st = self.lock();
         let id = st.next_id;
         st.next_id += 1;
-        drop_expired(&mut st.held, Instant::now());
-        let held: Vec<Line> = st.held.drain(..).map(|(l, _)| l).collect();
-        if !held.is_empty() {
-            tracing::info!(
-                client = id,
-                events = held.len(),
-                "held events handed to the first HIS client"
-            );
-        }
-        for l in held {
-            let _ = tx.try_send(l);
-        }
         st.clients.insert(
             id,
             Client {
                 peer,
-                tx: tx.clone(),
+                tx,
+                evict: evicted.clone(),
+                identified: false,
             },
         );
-        Membership { id, rx, tx }
+        Membership { id, rx, evicted }
+    }
+
+    /// The client has said it is HIS: the events held so far are its to
+    /// write (the first identified client takes them all).
+    pub fn identify(&self, id: u64) -> Held {
+        let mut st = self.lock();
+        drop_expired(&mut st, Instant::now());
+        match st.clients.get_mut(&id) {
+            Some(c) if !c.identified => c.identified = true,
+            _ => return Vec::new(),
+        }
+        let held: Held = st.held.drain(..).collect();
+        if !held.is_empty() {
+            tracing::info!(
+                client = id,
+                events = held.len(),
+                "held events handed to the first identified HIS client"
+            );
+        }
+        held
+    }
+
+    /// Events a session took with [`Hub::identify`] but could not write:
+    /// held again, in front, with their own deadlines.
+    pub fn rehold(&self, events: Held) {
+        if events.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        tracing::warn!(
+            events = events.len(),
+            "HIS client went away before its held events were written; held again"
+        );
+        for e in events.into_iter().rev() {
+            st.held.push_front(e);
+        }
+        while st.held.len() > MAX_HELD {
+            st.held.pop_back();
+            st.held_dropped += 1;
+        }
+    }
+
+    /// Events dropped unseen since start: expired, over [`MAX_HELD`], or
+    /// with `hold_s = 0` and nobody connected.
+    pub fn held_dropped(&self) -> u64 {
+        self.lock().held_dropped
     }
 
     pub fn leave(&self, id: u64) {
@@ -165,18 +228,20 @@ impl Hub {
 
     pub fn held_count(&self) -> usize {
         let mut st = self.lock();
-        drop_expired(&mut st.held, Instant::now());
+        drop_expired(&mut st, Instant::now());
         st.held.len()
     }
 }
 
-fn drop_expired(held: &mut VecDeque<(Line, Instant)>, now: Instant) {
-    let before = held.len();
-    held.retain(|(_, until)| *until > now);
-    if held.len() < before {
+fn drop_expired(st: &mut State, now: Instant) {
+    let before = st.held.len();
+    st.held.retain(|(_, until)| *until > now);
+    let dropped = before - st.held.len();
+    if dropped > 0 {
+        st.held_dropped += dropped as u64;
         tracing::warn!(
-            dropped = before - held.len(),
-            "held events expired before any HIS client connected"
+            dropped,
+            "held events expired before any HIS client identified itself"
         );
     }
 }
@@ -186,38 +251,90 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fan_out_and_stuck_clients() {
+    fn fan_out_and_stuck_clients_are_evicted() {
         let hub = Hub::new(Duration::from_secs(30));
         let mut a = hub.join("a".into());
         let b = hub.join("b".into());
         assert_eq!(hub.broadcast("x".into()), 2);
         assert_eq!(&*a.rx.try_recv().unwrap(), "x");
-        // b never reads: after its queue fills it is dropped, a is not.
+        // b never reads: after its queue fills it is evicted, a is not.
         for _ in 0..CLIENT_QUEUE {
             hub.broadcast("y".into());
             while a.rx.try_recv().is_ok() {}
         }
         assert_eq!(hub.client_count(), 1);
-        drop(b);
+        assert!(b.evicted.is_cancelled(), "the session is told to close");
+        assert!(!a.evicted.is_cancelled());
         assert_eq!(hub.broadcast("z".into()), 1);
     }
 
     #[test]
-    fn held_until_first_client() {
+    fn held_until_a_client_identifies_itself() {
         let hub = Hub::new(Duration::from_secs(30));
         assert_eq!(hub.broadcast("card".into()), 0);
         assert_eq!(hub.held_count(), 1);
-        let mut m = hub.join("late".into());
-        assert_eq!(&*m.rx.try_recv().unwrap(), "card");
+        // A probe connects and leaves without a word: it takes nothing.
+        let probe = hub.join("probe".into());
+        hub.leave(probe.id);
+        assert_eq!(hub.held_count(), 1);
+        let m = hub.join("his".into());
+        let held = hub.identify(m.id);
+        assert_eq!(held.len(), 1);
+        assert_eq!(&*held[0].0, "card");
         assert_eq!(hub.held_count(), 0);
-        let mut second = hub.join("second".into());
-        assert!(second.rx.try_recv().is_err(), "handed to the first only");
+        let second = hub.join("second".into());
+        assert!(hub.identify(second.id).is_empty(), "handed to the first only");
+    }
+
+    /// Regression: 300 held events, the first client got 256 and the log
+    /// said all were handed over.
+    #[test]
+    fn held_events_are_not_lost_to_the_queue_bound_and_come_back_if_unwritten() {
+        let hub = Hub::new(Duration::from_secs(30));
+        for i in 0..300 {
+            hub.broadcast(format!("c{i}").into());
+        }
+        let m = hub.join("his".into());
+        let held = hub.identify(m.id);
+        assert_eq!(held.len(), 300);
+        // The session wrote 100, then the connection broke.
+        hub.rehold(held[100..].to_vec());
+        hub.leave(m.id);
+        let n = hub.join("next".into());
+        let again = hub.identify(n.id);
+        assert_eq!(again.len(), 200);
+        assert_eq!(&*again[0].0, "c100", "in order");
+        assert_eq!(hub.held_dropped(), 0);
     }
 
     #[test]
-    fn zero_hold_drops() {
+    fn the_bound_is_counted() {
+        let hub = Hub::new(Duration::from_secs(30));
+        for i in 0..MAX_HELD + 5 {
+            hub.broadcast(format!("c{i}").into());
+        }
+        assert_eq!(hub.held_count(), MAX_HELD);
+        assert_eq!(hub.held_dropped(), 5);
+    }
+
+    #[test]
+    fn zero_hold_drops_and_counts() {
         let hub = Hub::new(Duration::ZERO);
         hub.broadcast("card".into());
         assert_eq!(hub.held_count(), 0);
+        assert_eq!(hub.held_dropped(), 1);
+    }
+
+    #[test]
+    fn expired_events_are_dropped_and_counted() {
+        let hub = Hub::new(Duration::from_millis(1));
+        hub.broadcast("card".into());
+        let until = Instant::now() + Duration::from_millis(2);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        let m = hub.join("late".into());
+        assert!(hub.identify(m.id).is_empty());
+        assert_eq!(hub.held_dropped(), 1);
     }
 }

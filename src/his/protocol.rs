@@ -42,6 +42,42 @@ pub struct CardIdentity {
     pub patid: String,
 }
 
+/// Longest identity field passed to HIS, in characters; the address may be
+/// longer. Real values are far shorter (an ID number is 18); a 300 000
+/// character name from a hostile or broken answer must not become a
+/// 900 KB line that HIS chokes on.
+pub const MAX_FIELD_CHARS: usize = 128;
+pub const MAX_ADDRESS_CHARS: usize = 512;
+
+impl CardIdentity {
+    /// Cut over-long fields at [`MAX_FIELD_CHARS`] ([`MAX_ADDRESS_CHARS`]
+    /// for the address). Returns the names of the fields cut, for a log
+    /// line that names them (never their values).
+    pub fn cap_fields(&mut self) -> Vec<&'static str> {
+        let mut cut = Vec::new();
+        let fields: [(&'static str, &mut String, usize); 11] = [
+            ("healthCardId", &mut self.health_card_id, MAX_FIELD_CHARS),
+            ("phid", &mut self.phid, MAX_FIELD_CHARS),
+            ("name", &mut self.name, MAX_FIELD_CHARS),
+            ("gender", &mut self.gender, MAX_FIELD_CHARS),
+            ("nation", &mut self.nation, MAX_FIELD_CHARS),
+            ("birthday", &mut self.birthday, MAX_FIELD_CHARS),
+            ("idType", &mut self.id_type, MAX_FIELD_CHARS),
+            ("idNumber", &mut self.id_number, MAX_FIELD_CHARS),
+            ("phone", &mut self.phone, MAX_FIELD_CHARS),
+            ("address", &mut self.address, MAX_ADDRESS_CHARS),
+            ("patid", &mut self.patid, MAX_FIELD_CHARS),
+        ];
+        for (name, value, max) in fields {
+            if let Some((i, _)) = value.char_indices().nth(max) {
+                value.truncate(i);
+                cut.push(name);
+            }
+        }
+        cut
+    }
+}
+
 /// Agent → HIS.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -51,6 +87,9 @@ pub enum Out {
         protocol: u32,
         agent: String,
         terminal_id: String,
+        /// `"token"` on connections that must send `auth` first.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        auth: Option<String>,
     },
     #[serde(rename_all = "camelCase")]
     Card {
@@ -138,6 +177,12 @@ pub enum In {
     Ping {
         reference: Option<Value>,
     },
+    /// The first message on loopback TCP and WebSocket connections: the
+    /// token from the HIS token file (see `docs/his-protocol.md`).
+    Auth {
+        reference: Option<Value>,
+        token: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -151,6 +196,7 @@ struct RawIn {
     scene: Option<Value>,
     department: Option<Value>,
     patid: Option<Value>,
+    token: Option<Value>,
 }
 
 /// A line that could not be taken: answer `error` with this, keep the
@@ -204,6 +250,11 @@ pub fn parse_in(line: &[u8]) -> Result<In, Refusal> {
     };
     match kind.as_str() {
         "ping" => Ok(In::Ping { reference }),
+        "auth" => {
+            let token = text_field(raw.token, "token")?
+                .ok_or_else(|| refuse(reference.clone(), "`auth` needs `token`".into()))?;
+            Ok(In::Auth { reference, token })
+        }
         "use" => {
             let scan_id = text_field(raw.scan_id, "scanId")?
                 .ok_or_else(|| refuse(reference.clone(), "`use` needs `scanId`".into()))?;
@@ -247,6 +298,20 @@ pub fn parse_in(line: &[u8]) -> Result<In, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_long_identity_fields_are_cut_and_named() {
+        let mut c = CardIdentity {
+            name: "张".repeat(300_000),
+            address: "路".repeat(600),
+            id_number: "110101199001011234".into(),
+            ..CardIdentity::default()
+        };
+        assert_eq!(c.cap_fields(), ["name", "address"]);
+        assert_eq!(c.name.chars().count(), MAX_FIELD_CHARS);
+        assert_eq!(c.address.chars().count(), MAX_ADDRESS_CHARS);
+        assert_eq!(c.id_number, "110101199001011234");
+    }
     use serde_json::json;
 
     #[test]

@@ -1,21 +1,37 @@
 //! The HIS listeners and the per-connection session (DESIGN §4, §6).
 //!
+//! Patients' names, ID numbers and phones go out on these connections, and
+//! `bind` writes to the platform what HIS says: who may connect is the
+//! whole point of this file.
+//!
 //! * Unix socket: mode 0660, group `socket_group`; a socket file left by a
 //!   killed agent is replaced after checking that nothing answers on it (two
 //!   agents on one socket is refused). Each peer's uid/gid/pid is read with
-//!   `SO_PEERCRED` and logged; a peer that is not root, not the service's own
-//!   user and not in the group is refused (defence in depth behind the file
-//!   mode).
-//! * Loopback TCP, for HIS that cannot open Unix sockets.
-//! * Loopback WebSocket for browser-based HIS: the handshake is refused with
-//!   HTTP 403 unless its `Origin` is in `allowed_origins`, since any web page
-//!   in the browser can reach loopback. A client that sends no Origin is not
-//!   a browser and is served like a TCP client.
+//!   `SO_PEERCRED`: a peer that is not root, not the service's own user and
+//!   not in the group is refused. Its groups come from `/proc/PID/status`,
+//!   or, where that is hidden (`ProtectProc=invisible`), from the user
+//!   database (`getgrouplist`); a peer whose groups cannot be known at all
+//!   is refused (fail closed).
+//! * Loopback TCP and WebSocket: any local account can reach loopback, so
+//!   every connection authenticates with the HIS token ([`HisToken`]): the
+//!   first message is `{"type":"auth","token":"..."}` (WebSocket clients may
+//!   put it in the URL instead, `?token=...`). Nothing is sent to a client
+//!   but `hello` before that, and a wrong token, another message first, or
+//!   silence for [`AUTH_TIMEOUT`] closes the connection. A WebSocket that
+//!   carries an `Origin` (a browser) must also come from `allowed_origins`,
+//!   since any page the browser shows can reach loopback.
+//! * Every listener admits at most `max_clients` connections at once; past
+//!   that a connection is told why and closed, with a log line (at most one
+//!   every 10 s), so a local user cannot exhaust the agent's descriptors.
 //!
-//! Every session: `hello` first, then held and broadcast events from the hub,
-//! replies to `use`/`bind`/`ping`. Malformed lines get an `error` and the
-//! session goes on; a line over 64 KiB gets an `error` and the session ends;
-//! a peer that stops reading for [`WRITE_TIMEOUT`] is dropped.
+//! Every session: `hello` first, then broadcast events from the hub, and
+//! replies to `use`/`bind`/`ping`. Events held while no HIS was connected go
+//! to the first client that sends a message (it has said it is HIS).
+//! Malformed lines get an `error` and the session goes on; a line over
+//! 64 KiB gets an `error` and the session ends; a peer that stops reading
+//! for [`WRITE_TIMEOUT`] or lets [`super::hub::CLIENT_QUEUE`] events pile
+//! up is disconnected. A peer that shuts down only its sending side (EOF on
+//! read) keeps receiving events.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,19 +51,65 @@ use super::protocol::{self, In, Out, MAX_LINE};
 
 /// A peer that does not take our writes for this long is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TCP or WebSocket client must authenticate within this.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default connections per listener.
+pub const DEFAULT_MAX_CLIENTS: usize = 32;
+
+/// The token TCP and WebSocket clients present. Compared by digest, so the
+/// comparison takes the same time whatever the guess.
+#[derive(Clone)]
+pub struct HisToken(Arc<[u8; 32]>);
+
+impl HisToken {
+    pub fn new(token: &str) -> Self {
+        use sha2::Digest as _;
+        HisToken(Arc::new(sha2::Sha256::digest(token.as_bytes()).into()))
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha2::Digest as _;
+        let d: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        d.iter().zip(self.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl std::fmt::Debug for HisToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<HIS token>")
+    }
+}
 
 /// What the sessions need answered: the pipeline implements it.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, msg: In, peer: &str) -> impl Future<Output = Out> + Send;
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HisSettings {
     pub unix: Option<PathBuf>,
     pub socket_group: Option<String>,
     pub tcp: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub allowed_origins: Vec<String>,
+    /// Required of TCP and WebSocket clients; without one those listeners
+    /// refuse every connection.
+    pub token: Option<HisToken>,
+    pub max_clients: usize,
+}
+
+impl Default for HisSettings {
+    fn default() -> Self {
+        HisSettings {
+            unix: None,
+            socket_group: None,
+            tcp: None,
+            ws: None,
+            allowed_origins: Vec::new(),
+            token: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +143,8 @@ pub struct Listeners {
     pub tcp_addr: Option<SocketAddr>,
     pub ws_addr: Option<SocketAddr>,
     allowed_origins: Arc<Vec<String>>,
+    token: Option<HisToken>,
+    max_clients: usize,
 }
 
 pub async fn bind(s: &HisSettings) -> Result<Listeners, HisError> {
@@ -121,6 +185,8 @@ pub async fn bind(s: &HisSettings) -> Result<Listeners, HisError> {
         tcp,
         ws,
         allowed_origins: Arc::new(s.allowed_origins.clone()),
+        token: s.token.clone(),
+        max_clients: s.max_clients.max(1),
     })
 }
 
@@ -151,11 +217,10 @@ async fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, HisErr
 /// Whether a Unix peer may use the socket: root, the agent's own user, or a
 /// member (primary or supplementary) of the socket group.
 ///
-/// `supplementary` is `None` when the peer's groups cannot be read (under
-/// `ProtectProc=invisible` other users' `/proc` entries are hidden). The
-/// kernel has then already checked the socket file's 0660 group mode on
-/// connect, which is the primary control; refusing would lock out every HIS
-/// user whose membership is supplementary.
+/// `supplementary` is `None` when the peer's groups cannot be known (see
+/// [`peer_groups`]): such a peer is refused unless its uid or primary gid
+/// already admits it. Fail closed: a check that admits whoever it cannot
+/// check is no check.
 pub fn peer_allowed(
     uid: u32,
     gid: u32,
@@ -165,7 +230,14 @@ pub fn peer_allowed(
 ) -> bool {
     uid == 0
         || uid == own_uid
-        || group.is_some_and(|g| g == gid || supplementary.is_none_or(|s| s.contains(&g)))
+        || group.is_some_and(|g| g == gid || supplementary.is_some_and(|s| s.contains(&g)))
+}
+
+/// A peer's supplementary groups: from `/proc/PID/status`, or, when that is
+/// hidden from us (`ProtectProc=invisible`), the groups its user has in the
+/// user database. `None` if neither can be read.
+fn peer_groups(pid: Option<i32>, uid: u32, gid: u32) -> Option<Vec<u32>> {
+    supplementary_groups(pid).or_else(|| user_groups(uid, gid))
 }
 
 /// A process's supplementary groups, from `/proc/PID/status`; `None` if
@@ -183,37 +255,130 @@ fn supplementary_groups(pid: Option<i32>) -> Option<Vec<u32>> {
         })
 }
 
+/// The groups of user `uid` in the user database (`getgrouplist`).
+fn user_groups(uid: u32, gid: u32) -> Option<Vec<u32>> {
+    use nix::unistd::{getgrouplist, Gid, Uid, User};
+    let user = User::from_uid(Uid::from_raw(uid)).ok().flatten()?;
+    let name = std::ffi::CString::new(user.name).ok()?;
+    getgrouplist(&name, Gid::from_raw(gid))
+        .ok()
+        .map(|g| g.into_iter().map(Gid::as_raw).collect())
+}
+
+/// One listener's connection slots, and when a refusal was last logged.
+struct Slots {
+    name: &'static str,
+    sem: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    last_log: std::sync::Mutex<Option<std::time::Instant>>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Slots {
+    fn new(name: &'static str, max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            name,
+            sem: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            last_log: std::sync::Mutex::new(None),
+            refused: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// A slot, or `None` (logged, at most once every 10 s) when all are
+    /// taken.
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self.sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let n = self
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    *last = Some(std::time::Instant::now());
+                    tracing::warn!(listener = self.name, max_clients = self.max, refused_total = n, "HIS connection refused: the listener has max_clients connections already ([his] max_clients)");
+                }
+                None
+            }
+        }
+    }
+
+    fn full_message(&self) -> String {
+        Out::error(
+            None,
+            format!(
+                "too many connections on this listener ({}); closing",
+                self.max
+            ),
+        )
+        .to_line()
+    }
+}
+
+/// Tell a refused peer why, briefly, and let it go.
+async fn refuse<W: AsyncWrite + Unpin>(mut w: W, line: String) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        w.write_all(format!("{line}\n").as_bytes()),
+    )
+    .await;
+}
+
 impl Listeners {
     /// Serve every listener until `cancel`, on tasks tracked by `tracker`.
+    /// `hello` is the greeting every client gets first; connections that
+    /// must authenticate get it with `"auth":"token"`.
     pub fn serve<H: Handler>(
         self,
         hub: Hub,
         handler: Arc<H>,
-        hello: Line,
+        hello: Out,
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) {
+        let with_auth = match &hello {
+            Out::Hello {
+                protocol,
+                agent,
+                terminal_id,
+                ..
+            } => Out::Hello {
+                protocol: *protocol,
+                agent: agent.clone(),
+                terminal_id: terminal_id.clone(),
+                auth: Some("token".into()),
+            },
+            other => other.clone(),
+        };
         let ctx = Ctx {
             hub,
             handler,
-            hello,
+            hello: hello.to_line().into(),
+            hello_auth: with_auth.to_line().into(),
+            token: self.token.clone(),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         };
+        let max = self.max_clients;
         if let Some((l, path)) = self.unix {
             let (ctx, gid) = (ctx.clone(), self.group_gid);
+            let slots = Slots::new("unix", max);
             tracker.spawn(async move {
-                accept_unix(l, gid, ctx).await;
+                accept_unix(l, gid, slots, ctx).await;
                 let _ = std::fs::remove_file(&path);
             });
         }
         if let Some(l) = self.tcp {
             let ctx = ctx.clone();
-            tracker.spawn(async move { accept_tcp(l, ctx).await });
+            let slots = Slots::new("tcp", max);
+            tracker.spawn(async move { accept_tcp(l, slots, ctx).await });
         }
         if let Some(l) = self.ws {
             let (ctx, origins) = (ctx.clone(), self.allowed_origins.clone());
-            tracker.spawn(async move { accept_ws(l, origins, ctx).await });
+            let slots = Slots::new("websocket", max);
+            tracker.spawn(async move { accept_ws(l, origins, slots, ctx).await });
         }
     }
 }
@@ -222,6 +387,8 @@ struct Ctx<H> {
     hub: Hub,
     handler: Arc<H>,
     hello: Line,
+    hello_auth: Line,
+    token: Option<HisToken>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -232,10 +399,23 @@ impl<H> Clone for Ctx<H> {
             hub: self.hub.clone(),
             handler: self.handler.clone(),
             hello: self.hello.clone(),
+            hello_auth: self.hello_auth.clone(),
+            token: self.token.clone(),
             cancel: self.cancel.clone(),
             tracker: self.tracker.clone(),
         }
     }
+}
+
+/// How a session's client is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Checked by the socket's mode and `SO_PEERCRED`.
+    PeerChecked,
+    /// Must send `auth` with the token first.
+    NeedsToken,
+    /// Presented the token already (WebSocket URL).
+    TokenGiven,
 }
 
 /// Wait before accepting again after an accept error (EMFILE and the like),
@@ -267,7 +447,12 @@ where
     }
 }
 
-async fn accept_unix<H: Handler>(l: UnixListener, gid: Option<u32>, ctx: Ctx<H>) {
+async fn accept_unix<H: Handler>(
+    l: UnixListener,
+    gid: Option<u32>,
+    slots: Arc<Slots>,
+    ctx: Ctx<H>,
+) {
     let own = nix::unistd::geteuid().as_raw();
     loop {
         let Some((s, _)) = next_conn(&ctx.cancel, "unix", || l.accept()).await else {
@@ -285,30 +470,50 @@ async fn accept_unix<H: Handler>(l: UnixListener, gid: Option<u32>, ctx: Ctx<H>)
             "unix uid={uid} gid={pgid} pid={}",
             pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
         );
-        if !peer_allowed(uid, pgid, supplementary_groups(pid).as_deref(), own, gid) {
-            tracing::warn!(uid, gid = pgid, pid = ?pid, "HIS peer refused: not root, not the service user, not in the socket group");
-            let mut s = s;
+        let groups = peer_groups(pid, uid, pgid);
+        if !peer_allowed(uid, pgid, groups.as_deref(), own, gid) {
+            let why = if groups.is_none() {
+                "its groups cannot be read"
+            } else {
+                "not root, not the service user, not in the socket group"
+            };
+            tracing::warn!(uid, gid = pgid, pid = ?pid, reason = why, "HIS peer refused");
             let line = Out::error(None, format!("permission denied: uid {uid} is not root, the agent's user, or in the HIS socket group")).to_line();
-            let _ =
-                tokio::time::timeout(WRITE_TIMEOUT, s.write_all(format!("{line}\n").as_bytes()))
-                    .await;
+            ctx.tracker.spawn(refuse(s, line));
             continue;
         }
+        let Some(permit) = slots.take() else {
+            ctx.tracker.spawn(refuse(s, slots.full_message()));
+            continue;
+        };
         tracing::info!(uid, gid = pgid, pid = ?pid, "HIS client connected (unix)");
         let ctx2 = ctx.clone();
         let (r, w) = s.into_split();
-        ctx.tracker
-            .spawn(async move { session(LineReader::new(r), LineWriter(w), peer, ctx2).await });
+        ctx.tracker.spawn(async move {
+            session(
+                LineReader::new(r),
+                LineWriter(w),
+                peer,
+                Admission::PeerChecked,
+                ctx2,
+            )
+            .await;
+            drop(permit);
+        });
     }
 }
 
-async fn accept_tcp<H: Handler>(l: TcpListener, ctx: Ctx<H>) {
+async fn accept_tcp<H: Handler>(l: TcpListener, slots: Arc<Slots>, ctx: Ctx<H>) {
     loop {
         let Some((s, addr)) = next_conn(&ctx.cancel, "tcp", || l.accept()).await else {
             return;
         };
+        let Some(permit) = slots.take() else {
+            ctx.tracker.spawn(refuse(s, slots.full_message()));
+            continue;
+        };
         let _ = s.set_nodelay(true);
-        tracing::info!(peer = %addr, "HIS client connected (tcp)");
+        tracing::info!(peer = %addr, "HIS client connected (tcp), waiting for auth");
         let ctx2 = ctx.clone();
         let (r, w) = s.into_split();
         ctx.tracker.spawn(async move {
@@ -316,33 +521,71 @@ async fn accept_tcp<H: Handler>(l: TcpListener, ctx: Ctx<H>) {
                 LineReader::new(r),
                 LineWriter(w),
                 format!("tcp {addr}"),
+                Admission::NeedsToken,
                 ctx2,
             )
-            .await
+            .await;
+            drop(permit);
         });
     }
 }
 
+/// The `token` parameter of a request URI's query, if any.
+fn query_token(uri: &tokio_tungstenite::tungstenite::http::Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "token").then(|| v.to_owned())
+    })
+}
+
 // The handshake callback's signature is tungstenite's, large error and all.
 #[allow(clippy::result_large_err)]
-async fn accept_ws<H: Handler>(l: TcpListener, origins: Arc<Vec<String>>, ctx: Ctx<H>) {
+async fn accept_ws<H: Handler>(
+    l: TcpListener,
+    origins: Arc<Vec<String>>,
+    slots: Arc<Slots>,
+    ctx: Ctx<H>,
+) {
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    use tokio_tungstenite::tungstenite::http::StatusCode;
     loop {
         let Some((s, addr)) = next_conn(&ctx.cancel, "websocket", || l.accept()).await else {
             return;
         };
+        let Some(permit) = slots.take() else {
+            // Before the handshake: an HTTP answer a browser can show.
+            let body = "too many connections to ehc-agent\n";
+            ctx.tracker.spawn(refuse(
+                s,
+                format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}", body.len(), body.trim_end()),
+            ));
+            continue;
+        };
         let (ctx2, origins) = (ctx.clone(), origins.clone());
         ctx.tracker.spawn(async move {
+            let token = ctx2.token.clone();
+            let mut given = None::<bool>;
             let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+                let deny = |status: StatusCode, msg: String| {
+                    let mut r = ErrorResponse::new(Some(msg));
+                    *r.status_mut() = status;
+                    r
+                };
                 match req.headers().get("origin").map(|o| o.to_str().unwrap_or("")) {
                     Some(o) if !origins.iter().any(|a| a == o) => {
                         tracing::warn!(peer = %addr, origin = %o, "WebSocket from an origin not in allowed_origins refused");
-                        let mut r = ErrorResponse::new(Some(format!("origin {o} is not allowed to connect to ehc-agent\n")));
-                        *r.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
-                        Err(r)
+                        return Err(deny(StatusCode::FORBIDDEN, format!("origin {o} is not allowed to connect to ehc-agent\n")));
                     }
-                    _ => Ok(resp),
+                    _ => {}
                 }
+                if let Some(t) = query_token(req.uri()) {
+                    if !token.as_ref().is_some_and(|k| k.matches(&t)) {
+                        tracing::warn!(peer = %addr, "WebSocket with a wrong HIS token refused");
+                        return Err(deny(StatusCode::FORBIDDEN, "wrong HIS token\n".into()));
+                    }
+                    given = Some(true);
+                }
+                Ok(resp)
             };
             let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                 .max_message_size(Some(MAX_LINE))
@@ -356,9 +599,15 @@ async fn accept_ws<H: Handler>(l: TcpListener, origins: Arc<Vec<String>>, ctx: C
                 }
                 Err(_) => return,
             };
+            let admission = if given == Some(true) {
+                Admission::TokenGiven
+            } else {
+                Admission::NeedsToken
+            };
             tracing::info!(peer = %addr, "HIS client connected (websocket)");
             let (w, r) = ws.split();
-            session(WsReader(r), WsWriter(w), format!("ws {addr}"), ctx2).await
+            session(WsReader(r), WsWriter(w), format!("ws {addr}"), admission, ctx2).await;
+            drop(permit);
         });
     }
 }
@@ -366,6 +615,8 @@ async fn accept_ws<H: Handler>(l: TcpListener, origins: Arc<Vec<String>>, ctx: C
 /// What a transport's reader yields.
 enum Incoming {
     Line(Vec<u8>),
+    /// The peer shut down its sending side (EOF); it may still read.
+    EndOfInput,
     /// A line or message over [`MAX_LINE`].
     TooLong,
     /// A frame the protocol has no use for (binary WebSocket message).
@@ -395,7 +646,7 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
 impl<R: AsyncRead + Unpin + Send> ReadLines for LineReader<R> {
     async fn next_line(&mut self) -> Incoming {
         match self.0.next().await {
-            None => Incoming::Closed,
+            None => Incoming::EndOfInput,
             Some(Ok(b)) => Incoming::Line(b.to_vec()),
             Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => Incoming::TooLong,
             Some(Err(AnyDelimiterCodecError::Io(_))) => Incoming::Closed,
@@ -454,24 +705,99 @@ async fn write<W: WriteLines>(w: &mut W, line: &str) -> bool {
     )
 }
 
+/// Wait for the client's `auth`. `Ok` with the reply to send, or `Err`
+/// with the refusal to send before closing.
+async fn authenticate<R: ReadLines>(r: &mut R, token: Option<&HisToken>) -> Result<Out, Out> {
+    let first = match tokio::time::timeout(AUTH_TIMEOUT, r.next_line()).await {
+        Err(_) => {
+            return Err(Out::error(
+                None,
+                format!("no auth within {} s; closing", AUTH_TIMEOUT.as_secs()),
+            ))
+        }
+        Ok(Incoming::Line(bytes)) => bytes,
+        Ok(_) => return Err(Out::error(None, "expected an auth message")),
+    };
+    match protocol::parse_in(&first) {
+        Ok(In::Auth {
+            reference,
+            token: presented,
+        }) => {
+            if token.is_some_and(|t| t.matches(&presented)) {
+                Ok(Out::Reply {
+                    reference,
+                    ok: true,
+                })
+            } else if token.is_none() {
+                Err(Out::error(reference, "this agent has no HIS token configured; TCP and WebSocket clients cannot be admitted"))
+            } else {
+                Err(Out::error(reference, "wrong HIS token; closing"))
+            }
+        }
+        Ok(_) | Err(_) => Err(Out::error(
+            None,
+            r#"authenticate first: send {"type":"auth","token":"<the HIS token>"}; closing"#,
+        )),
+    }
+}
+
 async fn session<R: ReadLines, W: WriteLines, H: Handler>(
     mut r: R,
     mut w: W,
     peer: String,
+    admission: Admission,
     ctx: Ctx<H>,
 ) {
+    let hello = if admission == Admission::PeerChecked {
+        &ctx.hello
+    } else {
+        &ctx.hello_auth
+    };
+    if !write(&mut w, hello).await {
+        return;
+    }
+    let mut identified = false;
+    if admission == Admission::NeedsToken {
+        match authenticate(&mut r, ctx.token.as_ref()).await {
+            Ok(reply) => {
+                if !write(&mut w, &reply.to_line()).await {
+                    return;
+                }
+                identified = true;
+            }
+            Err(refusal) => {
+                tracing::warn!(peer = %peer, "HIS client refused: no valid auth");
+                let _ = write(&mut w, &refusal.to_line()).await;
+                return;
+            }
+        }
+    } else if admission == Admission::TokenGiven {
+        identified = true;
+    }
     let mut m = ctx.hub.join(peer.clone());
     let mut why = "client closed the connection";
-    if write(&mut w, &ctx.hello).await {
+    let mut reading = true;
+    'session: {
+        if identified && !deliver_held(&mut w, &ctx.hub, m.id).await {
+            why = "write failed or timed out";
+            break 'session;
+        }
         loop {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => { why = "agent shutting down"; break }
+                _ = m.evicted.cancelled() => { why = "not reading (queue full): evicted"; break }
                 line = m.rx.recv() => match line {
                     Some(l) => if !write(&mut w, &l).await { why = "write failed or timed out"; break },
-                    None => { why = "not reading (queue full)"; break }
+                    None => { why = "evicted"; break }
                 },
-                inc = r.next_line() => match inc {
+                inc = r.next_line(), if reading => match inc {
                     Incoming::Closed => break,
+                    Incoming::EndOfInput => {
+                        // Shut its sending side only (`socat -u`, `nc -q`):
+                        // it still reads, so it still gets cards.
+                        tracing::info!(peer = %peer, "HIS client closed its input; it keeps receiving events");
+                        reading = false;
+                    }
                     Incoming::TooLong => {
                         let _ = write(&mut w, &Out::error(None, format!("line longer than {MAX_LINE} bytes; closing the connection")).to_line()).await;
                         why = "line too long";
@@ -485,6 +811,15 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
                             continue;
                         }
                         let out = match protocol::parse_in(&bytes) {
+                            Ok(In::Auth { reference, token }) => {
+                                // Harmless on an admitted connection; a wrong
+                                // token is still said to be wrong.
+                                if ctx.token.as_ref().is_some_and(|t| t.matches(&token)) || admission == Admission::PeerChecked && ctx.token.is_none() {
+                                    Out::Reply { reference, ok: true }
+                                } else {
+                                    Out::error(reference, "wrong HIS token")
+                                }
+                            }
                             Ok(msg) => ctx.handler.handle(msg, &peer).await,
                             Err(refusal) => {
                                 tracing::debug!(peer = %peer, error = %refusal.message, "HIS message refused");
@@ -492,6 +827,15 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
                             }
                         };
                         if !write(&mut w, &out.to_line()).await { why = "write failed or timed out"; break }
+                        if !identified {
+                            // It has spoken: it is HIS, and the held events
+                            // are its.
+                            identified = true;
+                            if !deliver_held(&mut w, &ctx.hub, m.id).await {
+                                why = "write failed or timed out";
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -499,6 +843,21 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
     }
     ctx.hub.leave(m.id);
     tracing::info!(peer = %peer, reason = why, "HIS client disconnected");
+}
+
+/// Write the events held for HIS to a client that has identified itself;
+/// whatever cannot be written is held again. `false` if a write failed.
+async fn deliver_held<W: WriteLines>(w: &mut W, hub: &Hub, id: u64) -> bool {
+    let mut held = hub.identify(id).into_iter();
+    while let Some((line, until)) = held.next() {
+        if !write(w, &line).await {
+            let mut rest = vec![(line, until)];
+            rest.extend(held);
+            hub.rehold(rest);
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -531,9 +890,31 @@ mod tests {
             "not in the group"
         );
         assert!(
-            peer_allowed(1000, 1000, None, own, Some(42)),
-            "groups hidden: the file mode decided"
+            !peer_allowed(1000, 1000, None, own, Some(42)),
+            "groups unknown: refused (fail closed)"
         );
+        assert!(
+            peer_allowed(1000, 42, None, own, Some(42)),
+            "groups unknown, but the primary group admits"
+        );
+    }
+
+    /// With `/proc` hidden, a user's groups still come from the user
+    /// database: root's include gid 0.
+    #[test]
+    fn groups_from_the_user_database() {
+        let g = user_groups(0, 0).expect("root is in the user database");
+        assert!(g.contains(&0), "{g:?}");
+        assert!(peer_groups(None, 0, 0).is_some());
+        assert!(user_groups(4_000_000_000, 4_000_000_000).is_none());
+    }
+
+    #[test]
+    fn tokens_match_only_themselves() {
+        let t = HisToken::new("3f9a");
+        assert!(t.matches("3f9a"));
+        assert!(!t.matches("3f9b") && !t.matches("") && !t.matches("3f9a "));
+        assert_eq!(format!("{t:?}"), "<HIS token>");
     }
 
     #[test]

@@ -213,6 +213,10 @@ impl Store {
                 source,
             })?;
         }
+        make_private(path).map_err(|source| StoreError::Dir {
+            path: path.to_owned(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
             path: path.to_owned(),
             source,
@@ -554,6 +558,38 @@ impl Store {
 
 const COLS: &str = "id, request_id, kind, state, scan_id, payload, created_at, next_attempt_at, attempts, last_code, last_error, sent_at";
 
+/// Create an SQLite file (and tighten its `-wal` and `-shm` companions)
+/// with mode 0600, whatever the umask: the outbox holds QR texts and the
+/// state file the live appToken, which no other local account may read.
+/// SQLite gives the `-wal` and `-shm` files it creates later the main
+/// file's mode, so creating that one right is what matters.
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 && m.is_file() {
+                tracing::warn!(path = %p.display(), mode = format!("{mode:o}"), "state file was readable by other accounts: now 0600");
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o700))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
         id: r.get(0)?,
@@ -608,6 +644,29 @@ mod tests {
             payload: "{}".into(),
             created_at: at,
             wait_until: None,
+        }
+    }
+
+    /// Regression: outside the unit (umask 022) the outbox and its WAL were
+    /// created 0644 and `nobody` read QR texts from them.
+    #[test]
+    fn files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.sqlite");
+        // An older file left world-readable is tightened too.
+        let old = d.path().join("old.sqlite");
+        std::fs::write(&old, b"").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for path in [&p, &old] {
+            let mut s = Store::open(path).unwrap();
+            s.insert(&[row(&format!("R{}", path.display()), "S", 1)]).unwrap();
+            for suffix in ["", "-wal", "-shm"] {
+                let f = format!("{}{suffix}", path.display());
+                if let Ok(m) = std::fs::metadata(&f) {
+                    assert_eq!(m.permissions().mode() & 0o077, 0, "{f} is {:o}", m.permissions().mode());
+                }
+            }
         }
     }
 

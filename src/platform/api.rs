@@ -287,7 +287,7 @@ pub fn parse_response<A: Api>(body: &[u8]) -> Result<Answer<A::Rsp>, ResponseErr
     };
     let rsp = serde_json::from_value::<A::Rsp>(rsp_value).map_err(|e| ResponseError::BadRsp {
         api: A::NAME,
-        detail: e.to_string(),
+        detail: without_values(&e.to_string()),
     })?;
     Ok(Answer {
         common_out,
@@ -295,9 +295,51 @@ pub fn parse_response<A: Api>(body: &[u8]) -> Result<Answer<A::Rsp>, ResponseErr
     })
 }
 
+/// serde's message without the value it quotes: `invalid type: string
+/// "张三", expected u64` becomes `invalid type (expected u64)`. A wrongly
+/// typed identity field would otherwise put a patient's name or ID number
+/// into a WARN line.
+pub fn without_values(msg: &str) -> String {
+    let head = msg
+        .split([':', '`', '"', ','])
+        .next()
+        .unwrap_or(msg)
+        .trim();
+    match msg.split_once(", expected ") {
+        Some((_, expected)) => {
+            // What serde expected is a type or a list of field names: never
+            // data. A missing field's name is safe too.
+            let expected = expected.split(" at line ").next().unwrap_or(expected);
+            format!("{head} (expected {expected})")
+        }
+        None if head.starts_with("missing field") || head.starts_with("duplicate field") => {
+            msg.split(" at line ").next().unwrap_or(msg).to_owned()
+        }
+        None => head.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a wrongly typed platform answer put the name and ID
+    /// number into a WARN line through serde's message.
+    #[test]
+    fn shape_errors_never_quote_values() {
+        let body = r#"{"commonOut":{"resultCode":0},"rsp":{"card":{"name":["张三"],"idNumber":43010119900101123}}}"#.as_bytes();
+        let e = parse_response::<GetHealthCardByQrCode>(body).unwrap_err().to_string();
+        assert!(!e.contains("张三") && !e.contains("43010119900101123"), "{e}");
+        assert!(e.contains("expected"), "{e}");
+        assert_eq!(
+            without_values("invalid type: string \"张三\", expected a string at line 1 column 5"),
+            "invalid type (expected a string)"
+        );
+        assert_eq!(
+            without_values("unknown variant `张三`, expected one of `a`, `b`"),
+            "unknown variant (expected one of `a`, `b`)"
+        );
+    }
 
     #[test]
     fn reference_card_example_parses() {

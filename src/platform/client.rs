@@ -9,6 +9,21 @@
 //!
 //! The client assumes nothing about who answers: the real platform, the
 //! simulator, or a hospital gateway (DESIGN §5a) all speak the same protocol.
+//!
+//! Rules that each closed a hole:
+//! * **No redirects, ever.** A 3xx would carry the appToken and QR texts to
+//!   another host and its answers would be taken as the platform's. A
+//!   redirect is an error of class configuration, naming the target.
+//! * **One deadline per call.** `timeout_ms` bounds the whole scan path:
+//!   token refresh, call, and the retry after 21003/21004 share it.
+//! * **A refresh runs to its end** on its own task even if the caller's
+//!   deadline passes: getAppToken revokes the old token as soon as the
+//!   platform answers, so an answer thrown away would leave every call
+//!   failing. The new token is made current in memory before it is saved;
+//!   a failed save (full disk) is logged, not fatal.
+//! * **Rejected refreshes back off exponentially** (2 s doubling to 5 min),
+//!   and a 21003/21004 for a token of ours that had not expired is counted
+//!   as a revocation by another holder of the appId (`status` says so).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -67,12 +82,14 @@ pub enum CallError {
     Timeout(u64),
     #[error("the platform answered HTTP {0}")]
     Http(u16),
+    #[error("the platform answered a redirect (HTTP {status}) to {location}; redirects are never followed (they would send tokens and QR texts elsewhere): set base_url to the real address")]
+    Redirect { status: u16, location: String },
     #[error("unusable platform response: {0}")]
     Response(#[from] ResponseError),
     #[error("platform result code {code}: {msg}")]
     Platform { code: i64, msg: String },
-    #[error("token refreshed less than {MIN_REFRESH_INTERVAL} s ago and rejected again (code {code}); is another agent using the same appId?")]
-    TokenChurn { code: i64 },
+    #[error("token refreshed moments ago and rejected again (code {code}); not refreshing for {wait_s} s: another agent or program is using the same appId (put the terminals behind a gateway)")]
+    TokenChurn { code: i64, wait_s: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -87,7 +104,7 @@ impl CallError {
             CallError::Http(s) if *s >= 500 || *s == 408 || *s == 429 => Class::Retry,
             // Any other HTTP status means the address is wrong (404 from a
             // proxy, 403 from a firewall page): the operator must act.
-            CallError::Http(_) => Class::Configuration,
+            CallError::Http(_) | CallError::Redirect { .. } => Class::Configuration,
             CallError::Platform { code, .. } => classify(*code),
             CallError::TokenChurn { .. } => Class::Token,
             // Our own state file failing is not the platform's fault; retry.
@@ -98,7 +115,7 @@ impl CallError {
     /// The platform's result code, when it answered with one.
     pub fn result_code(&self) -> Option<i64> {
         match self {
-            CallError::Platform { code, .. } | CallError::TokenChurn { code } => Some(*code),
+            CallError::Platform { code, .. } | CallError::TokenChurn { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -158,6 +175,10 @@ pub enum BuildError {
 pub struct ClientStats {
     pub token_fetches: AtomicI64,
     pub last_token_at: AtomicI64,
+    /// 21003/21004 answers to a token of ours that had not expired: someone
+    /// else fetched a token for the same appId.
+    pub revocations: AtomicI64,
+    pub last_revoked_at: AtomicI64,
 }
 
 /// A cheap-to-clone handle.
@@ -171,9 +192,12 @@ struct Inner {
     base: String,
     settings: ClientSettings,
     tokens: TokenStore,
-    refresh: tokio::sync::Mutex<()>,
+    refresh: Arc<tokio::sync::Mutex<()>>,
     /// Unix seconds of the last refresh caused by a 21003/21004 answer.
     last_rejected_refresh: AtomicI64,
+    /// Rejected refreshes in a row (no successful call between them): the
+    /// wait before the next one doubles with each.
+    rejected_streak: AtomicI64,
     stats: ClientStats,
 }
 
@@ -208,6 +232,7 @@ impl Client {
             // Per-call timeouts are applied around each call; this bounds a
             // connect attempt so an unreachable platform fails fast.
             .connect_timeout(settings.scan_timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60));
         match &settings.proxy {
             Some(p) => {
@@ -248,8 +273,9 @@ impl Client {
                 base: settings.base_url.trim_end_matches('/').to_owned(),
                 settings,
                 tokens,
-                refresh: tokio::sync::Mutex::new(()),
+                refresh: Arc::new(tokio::sync::Mutex::new(())),
                 last_rejected_refresh: AtomicI64::new(i64::MIN / 2),
+                rejected_streak: AtomicI64::new(0),
                 stats: ClientStats::default(),
             }),
         })
@@ -272,20 +298,30 @@ impl Client {
     }
 
     /// Call API `A`. On 21003/21004 the token is refreshed (single flight)
-    /// and the call retried once.
+    /// and the call retried once. The whole of it, refresh and retry
+    /// included, is bounded by the urgency's timeout.
     pub async fn call<A: Api>(&self, req: &A::Req, opts: CallOptions) -> Result<A::Rsp, CallError> {
         let timeout = self.timeout(opts.urgency);
+        let deadline = tokio::time::Instant::now() + timeout;
         let caller_id = opts.request_id.is_some();
         let request_id = opts.request_id.unwrap_or_else(new_request_id);
-        let token = self.valid_token(timeout).await?;
-        match self
-            .send::<A>(req, &request_id, &token.value, timeout)
-            .await
-        {
+        let token = self.valid_token(deadline, timeout).await?;
+        let first = self
+            .send::<A>(req, &request_id, &token.value, left(deadline, timeout)?)
+            .await;
+        let result = match first {
             Err(e) if e.class() == Class::Token => {
                 let code = e.result_code().unwrap_or_default();
+                let now = clock::now_unix();
+                if token.expires_at > now {
+                    // Our token had not expired: another holder of the appId
+                    // fetched a new one, which revoked ours.
+                    let st = &self.inner.stats;
+                    st.revocations.fetch_add(1, Ordering::Relaxed);
+                    st.last_revoked_at.store(now, Ordering::Relaxed);
+                }
                 let fresh = self
-                    .refresh(token.generation, timeout, Reason::Rejected(code))
+                    .refresh(token.generation, deadline, timeout, Reason::Rejected(code))
                     .await?;
                 // A caller's own requestId is kept (the outbox relies on it);
                 // a throwaway one is renewed in case the platform's replay
@@ -295,31 +331,70 @@ impl Client {
                 } else {
                     new_request_id()
                 };
-                self.send::<A>(req, &retry_id, &fresh.value, timeout).await
+                self.send::<A>(req, &retry_id, &fresh.value, left(deadline, timeout)?)
+                    .await
             }
             other => other,
+        };
+        match result {
+            Ok(r) => {
+                self.inner.rejected_streak.store(0, Ordering::Relaxed);
+                Ok(r)
+            }
+            // A step timed out on what was left of the budget: the caller's
+            // figure is the whole budget.
+            Err(CallError::Timeout(_)) => Err(CallError::Timeout(timeout.as_millis() as u64)),
+            Err(e) => Err(e),
         }
     }
 
     /// A token fresh enough to use, fetching one if needed.
-    async fn valid_token(&self, timeout: Duration) -> Result<Token, CallError> {
+    async fn valid_token(
+        &self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Token, CallError> {
         let now = clock::now_unix();
         match self.inner.tokens.current() {
             Some(t) if t.fresh_at(now) => Ok(t),
-            Some(t) => self.refresh(t.generation, timeout, Reason::Expiring).await,
-            None => self.refresh(0, timeout, Reason::Missing).await,
+            Some(t) => {
+                self.refresh(t.generation, deadline, timeout, Reason::Expiring)
+                    .await
+            }
+            None => self.refresh(0, deadline, timeout, Reason::Missing).await,
         }
     }
 
-    /// Single-flight refresh of generation `seen`: if the current token is
-    /// already newer than `seen` and fresh, it is returned without a call.
+    /// Single-flight refresh of generation `seen`, waited for until
+    /// `deadline`. The refresh itself runs on its own task and finishes even
+    /// if nobody waits any more (see the module doc).
     async fn refresh(
         &self,
         seen: u64,
+        deadline: tokio::time::Instant,
         timeout: Duration,
         reason: Reason,
     ) -> Result<Token, CallError> {
-        let _guard = self.inner.refresh.lock().await;
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.refresh_now(seen, reason).await });
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(CallError::Unreachable(format!("token refresh failed: {e}"))),
+            Err(_) => Err(CallError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// The wait before another refresh caused by a rejection: 2 s, doubling
+    /// with each rejected refresh in a row, at most 5 minutes.
+    fn rejected_refresh_wait(&self) -> i64 {
+        let streak = self.inner.rejected_streak.load(Ordering::Relaxed).clamp(0, 16);
+        (MIN_REFRESH_INTERVAL << streak).min(MAX_REFRESH_BACKOFF_S)
+    }
+
+    /// If the current token is already newer than `seen` and fresh, it is
+    /// returned without a call; otherwise one getAppToken.
+    async fn refresh_now(&self, seen: u64, reason: Reason) -> Result<Token, CallError> {
+        let _guard = self.inner.refresh.clone().lock_owned().await;
         let now = clock::now_unix();
         if let Some(t) = self.inner.tokens.current() {
             if t.generation > seen && t.fresh_at(now) {
@@ -328,9 +403,18 @@ impl Client {
         }
         if let Reason::Rejected(code) = reason {
             let last = self.inner.last_rejected_refresh.load(Ordering::Relaxed);
-            if now - last < MIN_REFRESH_INTERVAL {
-                tracing::warn!(code, "app token rejected again right after a refresh; not refreshing yet (is another agent using the same appId?)");
-                return Err(CallError::TokenChurn { code });
+            let wait = self.rejected_refresh_wait();
+            if now - last < wait {
+                tracing::warn!(code, wait_s = wait - (now - last), "app token rejected again right after a refresh; not refreshing yet (is another agent using the same appId?)");
+                return Err(CallError::TokenChurn {
+                    code,
+                    wait_s: wait - (now - last),
+                });
+            }
+            if now - last < wait * 4 {
+                self.inner.rejected_streak.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.inner.rejected_streak.store(0, Ordering::Relaxed);
             }
             self.inner
                 .last_rejected_refresh
@@ -339,13 +423,19 @@ impl Client {
         let req = api::AppTokenReq {
             app_id: self.inner.settings.app_id.clone(),
         };
+        // Nobody may be waiting for this call any more; it gets the patient
+        // (upload) timeout so a slow answer still lands.
+        let timeout = self.inner.settings.upload_timeout;
         let rsp = self
             .send::<GetAppToken>(&req, &new_request_id(), "", timeout)
             .await?;
-        let tok = self
+        let (tok, saved) = self
             .inner
             .tokens
-            .install(rsp.app_token, rsp.expires_in, clock::now_unix())?;
+            .install(rsp.app_token, rsp.expires_in, clock::now_unix());
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "the new app token could not be saved (it is in use from memory; a restart will fetch another)");
+        }
         self.inner
             .stats
             .token_fetches
@@ -381,6 +471,18 @@ impl Client {
                 .await
                 .map_err(|e| transport_error(&e))?;
             let status = resp.status();
+            if status.is_redirection() {
+                let location = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(redacted_location)
+                    .unwrap_or_else(|| "(no Location)".into());
+                return Err(CallError::Redirect {
+                    status: status.as_u16(),
+                    location,
+                });
+            }
             let bytes = read_capped(resp).await?;
             if !status.is_success() {
                 return Err(CallError::Http(status.as_u16()));
@@ -455,6 +557,33 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, CallError> 
 
 /// reqwest's top-level message ("error sending request") hides the cause;
 /// the operator needs the chain ("connection refused").
+/// Longest wait between refreshes after repeated rejections.
+const MAX_REFRESH_BACKOFF_S: i64 = 300;
+
+/// What is left of `deadline`, or the timeout error when nothing is.
+fn left(deadline: tokio::time::Instant, timeout: Duration) -> Result<Duration, CallError> {
+    let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if rest.is_zero() {
+        Err(CallError::Timeout(timeout.as_millis() as u64))
+    } else {
+        Ok(rest)
+    }
+}
+
+/// A redirect target for a log line: scheme, host and port only (a query
+/// could carry anything).
+fn redacted_location(loc: &str) -> String {
+    match reqwest::Url::parse(loc) {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or("?"),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "a relative address".into(),
+    }
+}
+
 fn transport_error(e: &reqwest::Error) -> CallError {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);

@@ -98,6 +98,10 @@ impl TokenStore {
             path: path.to_owned(),
             source,
         };
+        crate::outbox::store::make_private(path).map_err(|source| StoreError::Dir {
+            path: path.to_owned(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
@@ -156,7 +160,16 @@ impl TokenStore {
 
     /// Store a new token (committed to disk before returning) and make it
     /// current. Returns it with its generation.
-    pub fn install(&self, value: String, expires_in: u64, now: i64) -> Result<Token, StoreError> {
+    /// Make a new token current, then save it. It is current in memory
+    /// whatever the save does: getAppToken has already revoked the old one,
+    /// so throwing the new one away (full disk) would make every call fail.
+    /// The save's error is returned beside it for the caller to report.
+    pub fn install(
+        &self,
+        value: String,
+        expires_in: u64,
+        now: i64,
+    ) -> (Token, Result<(), StoreError>) {
         let generation = self.current().map(|t| t.generation).unwrap_or(0) + 1;
         let tok = Token {
             value,
@@ -164,29 +177,32 @@ impl TokenStore {
             obtained_at: now,
             generation,
         };
-        if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            conn.execute(
-                "INSERT INTO token (id, base_url, app_id, hospital_id, token, expires_at, obtained_at, generation)
-                 VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT(id) DO UPDATE SET base_url=?1, app_id=?2, hospital_id=?3, token=?4,
-                   expires_at=?5, obtained_at=?6, generation=?7",
-                params![
-                    self.identity.base_url,
-                    self.identity.app_id,
-                    self.identity.hospital_id,
-                    tok.value,
-                    tok.expires_at,
-                    tok.obtained_at,
-                    tok.generation as i64
-                ],
-            )
-            .map_err(|source| StoreError::Sqlite {
-                path: self.path.clone(),
-                source,
-            })?;
-        }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(tok.clone());
-        Ok(tok)
+        let saved = match self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            None => Ok(()),
+            Some(conn) => conn
+                .execute(
+                    "INSERT INTO token (id, base_url, app_id, hospital_id, token, expires_at, obtained_at, generation)
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT(id) DO UPDATE SET base_url=?1, app_id=?2, hospital_id=?3, token=?4,
+                       expires_at=?5, obtained_at=?6, generation=?7",
+                    params![
+                        self.identity.base_url,
+                        self.identity.app_id,
+                        self.identity.hospital_id,
+                        tok.value,
+                        tok.expires_at,
+                        tok.obtained_at,
+                        tok.generation as i64
+                    ],
+                )
+                .map(|_| ())
+                .map_err(|source| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                }),
+        };
+        (tok, saved)
     }
 }
 
@@ -208,13 +224,14 @@ mod tests {
         let p = dir.path().join("sub/state.sqlite");
         let s = TokenStore::open(Some(&p), id()).unwrap();
         assert!(s.current().is_none());
-        let t = s.install("T1".into(), 7200, 1000).unwrap();
+        let (t, saved) = s.install("T1".into(), 7200, 1000);
+        saved.unwrap();
         assert_eq!((t.generation, t.expires_at), (1, 8200));
         assert!(t.fresh_at(1000) && !t.fresh_at(8200 - REFRESH_MARGIN));
         drop(s);
         let s = TokenStore::open(Some(&p), id()).unwrap();
         assert_eq!(s.current().unwrap().value, "T1");
-        assert_eq!(s.install("T2".into(), 7200, 2000).unwrap().generation, 2);
+        assert_eq!(s.install("T2".into(), 7200, 2000).0.generation, 2);
         drop(s);
         let other = Identity {
             app_id: "other".into(),
@@ -224,5 +241,24 @@ mod tests {
             .unwrap()
             .current()
             .is_none());
+    }
+
+    /// Regression: a token that could not be saved (full disk) was thrown
+    /// away after getAppToken had revoked the old one; every call then failed.
+    #[test]
+    fn a_token_that_cannot_be_saved_is_still_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.sqlite");
+        let s = TokenStore::open(Some(&p), id()).unwrap();
+        s.conn
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .pragma_update(None, "query_only", true)
+            .unwrap();
+        let (t, saved) = s.install("T1".into(), 7200, 1000);
+        assert!(saved.is_err(), "the save was refused");
+        assert_eq!(s.current(), Some(t), "and the token is current all the same");
     }
 }

@@ -51,6 +51,85 @@ async fn twenty_concurrent_21004_cause_one_get_app_token() {
     );
     assert_eq!(calls(&sim, "getHealthCardByQRCode", "21004").await, 20);
     assert_eq!(client.token().unwrap().generation, 2);
+    // Each of the 20 was rejected with a token that had not expired: the
+    // client counts them as revocations by another holder (status shows it).
+    assert_eq!(
+        client
+            .stats()
+            .revocations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        20
+    );
+}
+
+/// Regression: a 307 sent the appToken and QR texts to another host, and
+/// its answers were taken as the platform's.
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let sim = sim().await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let target = sim.base_url();
+    let redirector = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}/elsewhere?token=x\r\nContent-Length: 0\r\n\r\n");
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let mut st = settings(&sim, None);
+    st.base_url = format!("http://{addr}");
+    let c = Client::new(st).unwrap();
+    let e = c
+        .call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Redirect { status: 307, .. }), "{e:?}");
+    assert_eq!(e.class(), Class::Configuration);
+    let shown = e.to_string();
+    assert!(shown.contains(&sim.base_url()) && !shown.contains("token=x"), "{shown}");
+    assert_eq!(
+        state(&sim).await["calls"],
+        json!({}),
+        "nothing reached the other host"
+    );
+    redirector.abort();
+}
+
+/// Regression: `timeout_ms` bounded each step, not the call: a first scan
+/// (getAppToken + call) took twice the setting. Both steps here take 800 ms
+/// against a 1200 ms budget: the call must give up, not succeed late. The
+/// refresh it started still lands, so the next call needs no getAppToken.
+#[tokio::test]
+async fn one_deadline_bounds_refresh_and_call() {
+    let sim = sim().await;
+    set_faults(&sim, json!({"latency_ms": 800})).await;
+    let mut st = settings(&sim, None);
+    st.scan_timeout = Duration::from_millis(1200);
+    let c = Client::new(st).unwrap();
+    let e = c
+        .call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Timeout(1200)), "{e:?}");
+    // The abandoned refresh finished on its own task.
+    let mut tries = 0;
+    while c.token().is_none() {
+        tries += 1;
+        assert!(tries < 100, "the refresh never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    set_faults(&sim, json!({})).await;
+    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap();
+    assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
 }
 
 #[tokio::test]
@@ -124,7 +203,7 @@ async fn token_rejected_again_right_after_refresh_is_not_a_loop() {
         .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
         .await
         .unwrap_err();
-    assert!(matches!(e, CallError::TokenChurn { code: 21004 }), "{e:?}");
+    assert!(matches!(e, CallError::TokenChurn { code: 21004, .. }), "{e:?}");
     assert_eq!(
         calls(&sim, "getAppToken", "0").await,
         2,

@@ -220,6 +220,11 @@ path = "{outbox}"
     }
 
     /// The daemon's directory (configuration, outbox, socket).
+    /// The HIS token the agent published beside its socket.
+    pub fn his_token(&self) -> String {
+        std::fs::read_to_string(self.path().join("his.token")).expect("published HIS token")
+    }
+
     pub fn path(&self) -> &std::path::Path {
         self.dir.as_ref().expect("directory").path()
     }
@@ -326,10 +331,31 @@ impl HisClient {
         Self::from_parts(Box::new(r), Box::new(w)).await
     }
 
+    /// A TCP client that has authenticated with the published HIS token.
     pub async fn tcp(d: &Daemon) -> HisClient {
+        let mut c = Self::tcp_unauthenticated(d).await;
+        c.send(&serde_json::json!({"type": "auth", "token": d.his_token(), "ref": "auth"}))
+            .await;
+        let r = c.next().await.expect("auth reply");
+        assert_eq!(r, serde_json::json!({"type": "reply", "ref": "auth", "ok": true}));
+        c
+    }
+
+    /// A TCP client that has only read `hello`.
+    pub async fn tcp_unauthenticated(d: &Daemon) -> HisClient {
         let s = tokio::net::TcpStream::connect(&d.tcp).await.unwrap();
         let (r, w) = s.into_split();
         Self::from_parts(Box::new(r), Box::new(w)).await
+    }
+
+    /// A Unix client whose write half can be shut down.
+    pub async fn unix_parts(
+        d: &Daemon,
+    ) -> (HisClient, tokio::net::unix::OwnedWriteHalf) {
+        let s = tokio::net::UnixStream::connect(&d.sock).await.unwrap();
+        let (r, w) = s.into_split();
+        let c = Self::from_parts(Box::new(r), Box::new(tokio::io::sink())).await;
+        (c, w)
     }
 
     async fn from_parts(

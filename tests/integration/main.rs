@@ -9,6 +9,7 @@ mod crash;
 mod daemon;
 mod disk;
 mod fuzz_regressions;
+mod his_access;
 mod his_examples;
 mod outbox;
 mod outbox_cli;

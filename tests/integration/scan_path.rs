@@ -288,7 +288,14 @@ async fn bad_input_gets_named_errors_and_others_keep_being_served() {
         .unwrap();
     use futures_util::{SinkExt as _, StreamExt as _};
     let hello = ws.next().await.unwrap().unwrap();
-    assert!(hello.to_text().unwrap().contains("\"hello\""));
+    assert!(hello.to_text().unwrap().contains("\"auth\":\"token\""));
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"type": "auth", "token": d.his_token()}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ok = ws.next().await.unwrap().unwrap();
+    assert!(ok.to_text().unwrap().contains("\"ok\":true"), "{ok}");
     ws.send(tokio_tungstenite::tungstenite::Message::text(
         r#"{"type":"ping","ref":"w"}"#,
     ))
@@ -365,7 +372,7 @@ async fn a_peer_without_permission_is_refused() {
     d.wait_log("HIS client connected (unix) uid=65534", 1);
 }
 
-fn as_nobody(python: &std::path::Path, sock: &std::path::Path) -> String {
+pub fn as_nobody(python: &std::path::Path, sock: &std::path::Path) -> String {
     use std::os::unix::process::CommandExt as _;
     let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1]); s.settimeout(5); print(s.recv(4096).decode())\nexcept OSError as e:\n print('refused:', e)\n";
     let out = std::process::Command::new(python)
@@ -379,11 +386,15 @@ fn as_nobody(python: &std::path::Path, sock: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-async fn ws_connect(d: &Daemon, origin: Option<&str>) -> Result<Ws, u16> {
+pub async fn ws_connect(d: &Daemon, origin: Option<&str>) -> Result<Ws, u16> {
+    ws_connect_to(d, origin, "/").await
+}
+
+pub async fn ws_connect_to(d: &Daemon, origin: Option<&str>, path: &str) -> Result<Ws, u16> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let mut req = format!("ws://{}/", d.ws).into_client_request().unwrap();
+    let mut req = format!("ws://{}{path}", d.ws).into_client_request().unwrap();
     if let Some(o) = origin {
         req.headers_mut().insert("origin", o.parse().unwrap());
     }
