@@ -4,6 +4,9 @@
 #   examples/his-client.sh /run/ehc-agent/his.sock            # print every message
 #   examples/his-client.sh /run/ehc-agent/his.sock 010101 内科  # and report each card's use
 #
+# It sends a `ping` first: that tells the agent this is HIS, so cards held
+# while no HIS was connected are handed to it.
+#
 # Each line from the agent is one JSON object (docs/his-protocol.md). Without
 # jq at hand, the scanId is cut out with sed; with jq, use
 # `jq -r 'select(.type=="card").scanId'`.
@@ -20,6 +23,7 @@ trap 'rm -rf "$dir"' EXIT INT TERM
 mkfifo "$dir/to-agent"
 socat "UNIX-CONNECT:$sock" - <"$dir/to-agent" | {
     exec 3>"$dir/to-agent"
+    printf '{"type":"ping","ref":"sh-hello"}\n' >&3
     n=0
     while IFS= read -r line; do
         printf '%s\n' "$line"

@@ -110,6 +110,7 @@ impl Core {
                 .collect(),
             his_clients: self.hub.clients().into_iter().map(|c| c.peer).collect(),
             held_events: self.hub.held_count(),
+            held_dropped: self.hub.held_dropped(),
             outbox: OutboxView {
                 path: self.outbox_path.display().to_string(),
                 pending: counts.pending,
@@ -136,6 +137,18 @@ impl Core {
                     .stats()
                     .token_fetches
                     .load(std::sync::atomic::Ordering::Relaxed),
+                revocations: self
+                    .client
+                    .stats()
+                    .revocations
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                last_revoked_at: Some(
+                    self.client
+                        .stats()
+                        .last_revoked_at
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+                .filter(|t| *t > 0),
             },
             scans: self.pipeline.stats(),
             attention: vec![],

@@ -1099,7 +1099,7 @@ hospital_name = "医院"
         assert_eq!(c.app_secret.expose(), "s3cret");
         assert_eq!(c.secret_source, d.path().join("app_secret"));
         assert_eq!(c.scanners.len(), 1);
-        assert_eq!(c.his_tcp, Some("127.0.0.1:7410".parse().unwrap()));
+        assert_eq!(c.his_tcp, None, "the shipped example keeps TCP off");
         assert!(!c.summary().contains("s3cret"));
         assert!(!format!("{c:?}").contains("s3cret"));
     }

@@ -27,6 +27,10 @@ pub struct Status {
     pub scanners: BTreeMap<String, ScannerView>,
     pub his_clients: Vec<String>,
     pub held_events: usize,
+    /// Events dropped before any HIS client took them (expired, over the
+    /// bound, or `hold_s = 0`), since start.
+    #[serde(default)]
+    pub held_dropped: u64,
     pub outbox: OutboxView,
     pub uploads: UploadsView,
     pub token: TokenView,
@@ -96,7 +100,17 @@ pub struct TokenView {
     pub valid: bool,
     pub expires_at: Option<i64>,
     pub refreshes: i64,
+    /// Times the platform rejected a token of ours that had not expired:
+    /// someone else fetched one for the same appId.
+    #[serde(default)]
+    pub revocations: i64,
+    #[serde(default)]
+    pub last_revoked_at: Option<i64>,
 }
+
+/// A revocation by another holder of the appId within this long is shown
+/// under attention.
+pub const REVOCATION_WINDOW_S: i64 = 3600;
 
 impl Status {
     /// Fill [`Status::attention`] from the rest.
@@ -118,6 +132,17 @@ impl Status {
         }
         if let Some(why) = &self.uploads.stopped {
             a.push(format!("uploads stopped: {why}"));
+        }
+        if let Some(t) = self
+            .token
+            .last_revoked_at
+            .filter(|t| now - *t < REVOCATION_WINDOW_S)
+        {
+            a.push(format!(
+                "the platform revoked this agent's app token {} time(s), last {} ago: another agent or program uses the same appId, and each new token revokes the other's (scans fail or slow down). Give each hospital one token holder: put the terminals behind an ehc-agent gateway",
+                self.token.revocations,
+                age(now - t)
+            ));
         }
         if let Some(t) = self.uploads.rate_limited_until.filter(|t| *t > now) {
             a.push(format!(
@@ -286,6 +311,7 @@ mod tests {
             scanners: BTreeMap::new(),
             his_clients: vec![],
             held_events: 0,
+            held_dropped: 0,
             outbox: OutboxView::default(),
             uploads: UploadsView::default(),
             token: TokenView::default(),

@@ -491,7 +491,7 @@ async fn accept_unix<H: Handler>(
         let (r, w) = s.into_split();
         ctx.tracker.spawn(async move {
             session(
-                LineReader::new(r),
+                LineReader::unix(r),
                 LineWriter(w),
                 peer,
                 Admission::PeerChecked,
@@ -626,26 +626,64 @@ enum Incoming {
 
 trait ReadLines: Send {
     fn next_line(&mut self) -> impl Future<Output = Incoming> + Send;
+
+    /// After [`Incoming::EndOfInput`]: whether the peer has gone entirely
+    /// (closed, not just shut its sending side). Only a Unix socket can
+    /// tell (POLLHUP); over TCP a peer that closed is found out by the next
+    /// write.
+    fn peer_gone(&self) -> bool {
+        false
+    }
 }
 
 trait WriteLines: Send {
     fn send_line(&mut self, line: &str) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
-struct LineReader<R>(FramedRead<R, AnyDelimiterCodec>);
+struct LineReader<R> {
+    frames: FramedRead<R, AnyDelimiterCodec>,
+    /// The socket to ask for POLLHUP (Unix sockets only).
+    hup_fd: Option<std::os::fd::RawFd>,
+}
 
 impl<R: AsyncRead + Unpin + Send> LineReader<R> {
     fn new(r: R) -> Self {
-        LineReader(FramedRead::new(
-            r,
-            AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE),
-        ))
+        LineReader {
+            frames: FramedRead::new(
+                r,
+                AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE),
+            ),
+            hup_fd: None,
+        }
+    }
+}
+
+impl LineReader<tokio::net::unix::OwnedReadHalf> {
+    fn unix(r: tokio::net::unix::OwnedReadHalf) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let fd = r.as_ref().as_raw_fd();
+        LineReader {
+            hup_fd: Some(fd),
+            ..Self::new(r)
+        }
     }
 }
 
 impl<R: AsyncRead + Unpin + Send> ReadLines for LineReader<R> {
+    fn peer_gone(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Some(fd) = self.hup_fd else { return false };
+        // The fd is owned by the reader half we hold, so it is open.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let mut fds = [PollFd::new(fd, PollFlags::empty())];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+    }
+
     async fn next_line(&mut self) -> Incoming {
-        match self.0.next().await {
+        match self.frames.next().await {
             None => Incoming::EndOfInput,
             Some(Ok(b)) => Incoming::Line(b.to_vec()),
             Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => Incoming::TooLong,
@@ -777,6 +815,8 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
     let mut m = ctx.hub.join(peer.clone());
     let mut why = "client closed the connection";
     let mut reading = true;
+    // While the client only reads: how often to look whether it has gone.
+    let mut gone_check = tokio::time::interval(Duration::from_secs(1));
     'session: {
         if identified && !deliver_held(&mut w, &ctx.hub, m.id).await {
             why = "write failed or timed out";
@@ -786,6 +826,7 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
             tokio::select! {
                 _ = ctx.cancel.cancelled() => { why = "agent shutting down"; break }
                 _ = m.evicted.cancelled() => { why = "not reading (queue full): evicted"; break }
+                _ = gone_check.tick(), if !reading => if r.peer_gone() { break },
                 line = m.rx.recv() => match line {
                     Some(l) => if !write(&mut w, &l).await { why = "write failed or timed out"; break },
                     None => { why = "evicted"; break }
@@ -793,6 +834,9 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
                 inc = r.next_line(), if reading => match inc {
                     Incoming::Closed => break,
                     Incoming::EndOfInput => {
+                        if r.peer_gone() {
+                            break;
+                        }
                         // Shut its sending side only (`socat -u`, `nc -q`):
                         // it still reads, so it still gets cards.
                         tracing::info!(peer = %peer, "HIS client closed its input; it keeps receiving events");

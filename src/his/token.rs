@@ -61,7 +61,16 @@ pub fn load(
     let kept = state_dir.join(STATE_FILE);
     let value = match secrets::read(&kept, Readers::Owner) {
         Ok(v) => v,
-        Err(secrets::SecretFileError::Io { .. }) if !kept.exists() => create(&kept)?,
+        Err(secrets::SecretFileError::Io { .. }) if !kept.exists() => match create(&kept) {
+            Ok(v) => v,
+            // A state directory that cannot be written (the agent starts
+            // degraded then) must not stop HIS from being served: a token
+            // for this run only, published as usual.
+            Err(e) => {
+                tracing::error!(error = %e, "the HIS token cannot be kept in the state directory; using one for this run only (clients re-read his.token after a restart)");
+                random_token()
+            }
+        },
         Err(e) => return Err(e.into()),
     };
     let published = socket
@@ -83,8 +92,7 @@ fn create(path: &Path) -> Result<String, TokenError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let bytes: [u8; 32] = rand::rng().random();
-    let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let value = random_token();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -96,6 +104,11 @@ fn create(path: &Path) -> Result<String, TokenError> {
         .map_err(err)?;
     tracing::info!(path = %path.display(), "made a new HIS token");
     Ok(value)
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Write the readable copy: a new file renamed into place, so a client never

@@ -203,3 +203,13 @@ pub fn agent() -> std::process::Command {
         .env_remove("RUNTIME_DIRECTORY");
     c
 }
+
+/// A test that cannot run here says so. `needed_in_ci`: the tool is one
+/// `.ci/run` installs (or CI's root has), so under CI (`CI=true`) the skip
+/// is a failure rather than a test silently counted as passed.
+pub fn skip(test: &str, reason: &str, needed_in_ci: bool) {
+    if needed_in_ci && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} cannot run: {reason}; under CI this is a failure (.ci/run installs what it needs)");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}

@@ -25,7 +25,7 @@ fn find(names: &[&str]) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client() {
     let Some(python) = find(&["python3"]) else {
-        eprintln!("SKIPPED python_example_client: python3 not installed");
+        crate::common::skip("python_example_client", "python3 not installed", true);
         return;
     };
     let sim = sim().await;
@@ -68,10 +68,79 @@ async fn python_example_client() {
     .await;
 }
 
+/// The Python client over loopback TCP authenticates with the token file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_client_over_tcp_authenticates() {
+    let Some(python) = find(&["python3"]) else {
+        crate::common::skip(
+            "python_example_client_over_tcp_authenticates",
+            "python3 not installed",
+            true,
+        );
+        return;
+    };
+    let sim = sim().await;
+    let mut d = Daemon::start(&sim).await;
+    let child = Command::new(python)
+        .arg(example("his-client.py"))
+        .args(["--tcp", &d.tcp, "--token-file"])
+        .arg(d.path().join("his.token"))
+        .args(["--use", "010104", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"ref\": \"auth\", \"ok\": true"), "{stdout}");
+    assert_eq!(stdout.matches("\"type\": \"card\"").count(), 1, "{stdout}");
+}
+
+/// The Python client comes back after the agent restarts (the socket path
+/// stays the same) and gets the next card.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_client_reconnects() {
+    let Some(python) = find(&["python3"]) else {
+        crate::common::skip("python_example_client_reconnects", "python3 not installed", true);
+        return;
+    };
+    let sim = sim().await;
+    let mut d = Daemon::start(&sim).await;
+    let child = Command::new(python)
+        .arg(example("his-client.py"))
+        .arg("--unix")
+        .arg(d.path().join("his.sock"))
+        .args(["--use", "010104", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    until_sim(&sim, "the first card's use", |s| {
+        s["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
+    })
+    .await;
+    let dir = d.stop().2;
+    let mut d = Daemon::start_in(dir, &sim, crate::daemon::Options::default()).await;
+    d.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("\"type\": \"card\"").count(), 2, "{stdout}");
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_example_client() {
     if find(&["socat"]).is_none() {
-        eprintln!("SKIPPED shell_example_client: socat not installed (.ci/run installs it; or apt-get install socat)");
+        crate::common::skip("shell_example_client", "socat not installed (.ci/run installs it; or apt-get install socat)", true);
         return;
     }
     let sim = sim().await;
@@ -116,7 +185,7 @@ async fn shell_example_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_example_page() {
     let Some(chromium) = find(&["chromium", "chromium-browser", "google-chrome"]) else {
-        eprintln!("SKIPPED browser_example_page: no Chromium (.ci/run installs it; or apt-get install chromium)");
+        crate::common::skip("browser_example_page", "no Chromium (.ci/run installs it; or apt-get install chromium)", true);
         return;
     };
     // Serve the page over HTTP, as an HIS web server would.
@@ -147,7 +216,11 @@ async fn browser_example_page() {
     .await;
     // Scanned before the page opens: held for the first client.
     d.scan(&sim.with_state(|s| s.static_code(3)).unwrap());
-    let url = format!("{origin}/his-page.html?ws=ws://{}&scene=010106", d.ws);
+    let url = format!(
+        "{origin}/his-page.html?ws=ws://{}&scene=010106&token={}",
+        d.ws,
+        d.his_token()
+    );
     let profile = tempfile::tempdir().unwrap();
     // Chromium stays on the page until killed; the page's own `use` reaching
     // the platform proves it connected, received the held card and used its

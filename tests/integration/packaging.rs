@@ -18,7 +18,7 @@ fn have(tool: &str) -> bool {
 #[test]
 fn unit_exposure_is_at_most_2_5() {
     if !have("systemd-analyze") {
-        eprintln!("SKIPPED unit_exposure_is_at_most_2_5: no systemd-analyze");
+        crate::common::skip("unit_exposure_is_at_most_2_5", "no systemd-analyze", true);
         return;
     }
     let out = Command::new("systemd-analyze")
@@ -49,9 +49,7 @@ fn unit_verifies_clean() {
     if !have("systemd-analyze")
         || !std::path::Path::new("/usr/lib/systemd/system/sysinit.target").exists()
     {
-        eprintln!(
-            "SKIPPED unit_verifies_clean: no systemd-analyze or no systemd units to verify against"
-        );
+        crate::common::skip("unit_verifies_clean", "no systemd-analyze or no systemd units to verify against", true);
         return;
     }
     // A scratch root with the system's units, the binary and the unit.
@@ -111,7 +109,7 @@ fn unit_has_what_the_service_needs() {
 #[test]
 fn sysusers_creates_the_user_and_the_his_group() {
     if !have("systemd-sysusers") {
-        eprintln!("SKIPPED sysusers_creates_the_user_and_the_his_group: no systemd-sysusers");
+        crate::common::skip("sysusers_creates_the_user_and_the_his_group", "no systemd-sysusers", true);
         return;
     }
     let r = tempfile::tempdir().unwrap();

@@ -318,9 +318,7 @@ async fn bad_input_gets_named_errors_and_others_keep_being_served() {
 async fn a_peer_without_permission_is_refused() {
     // Needs an unprivileged user to connect as.
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED a_peer_without_permission_is_refused: needs root to run a client as `nobody`"
-        );
+        crate::common::skip("a_peer_without_permission_is_refused", "needs root to run a client as `nobody`", true);
         return;
     }
     // An interpreter `nobody` can execute (not one under /root).
@@ -329,7 +327,7 @@ async fn a_peer_without_permission_is_refused() {
         .map(std::path::PathBuf::from)
         .find(|p| p.is_file())
     else {
-        eprintln!("SKIPPED a_peer_without_permission_is_refused: no system python3 for `nobody` to act as the unprivileged client");
+        crate::common::skip("a_peer_without_permission_is_refused", "no system python3 for `nobody` to act as the unprivileged client", true);
         return;
     };
     let sim = sim().await;
