@@ -30,8 +30,9 @@
 //! Malformed lines get an `error` and the session goes on; a line over
 //! 64 KiB gets an `error` and the session ends; a peer that stops reading
 //! for [`WRITE_TIMEOUT`] or lets [`super::hub::CLIENT_QUEUE`] events pile
-//! up is disconnected. A peer that shuts down only its sending side (EOF on
-//! read) keeps receiving events.
+//! up is disconnected. A Unix peer that shuts down only its sending side
+//! (EOF on read, no POLLHUP) keeps receiving events; over TCP a half close
+//! cannot be told from a close, so EOF ends the session there.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -634,6 +635,11 @@ trait ReadLines: Send {
     fn peer_gone(&self) -> bool {
         false
     }
+
+    /// Whether [`ReadLines::peer_gone`] can tell a half close from a close.
+    fn can_tell_half_close(&self) -> bool {
+        false
+    }
 }
 
 trait WriteLines: Send {
@@ -670,6 +676,10 @@ impl LineReader<tokio::net::unix::OwnedReadHalf> {
 }
 
 impl<R: AsyncRead + Unpin + Send> ReadLines for LineReader<R> {
+    fn can_tell_half_close(&self) -> bool {
+        self.hup_fd.is_some()
+    }
+
     fn peer_gone(&self) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let Some(fd) = self.hup_fd else { return false };
@@ -834,7 +844,11 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
                 inc = r.next_line(), if reading => match inc {
                     Incoming::Closed => break,
                     Incoming::EndOfInput => {
-                        if r.peer_gone() {
+                        // Over TCP a half close cannot be told from a close
+                        // until a write fails: a closed client would hold
+                        // its slot as a ghost. Only Unix sockets keep
+                        // half-closed clients.
+                        if !r.can_tell_half_close() || r.peer_gone() {
                             break;
                         }
                         // Shut its sending side only (`socat -u`, `nc -q`):
