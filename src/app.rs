@@ -6,15 +6,32 @@
 //! Start-up order matters: the outbox is opened (and its durability checked)
 //! before anything can produce a use; the HIS and control listeners are
 //! bound before scanners start, so the first card has somewhere to go; only
-//! then is systemd told `READY=1`. Shutdown: stop taking scans, let scans in
-//! flight finish (each is recorded before it is delivered), stop the
-//! uploader (rows in flight stay pending), close the listeners, remove the
-//! sockets.
+//! then is systemd told `READY=1`.
 //!
-//! `SIGHUP` reloads the configuration: a new one with problems is refused
-//! (every problem logged) and the agent keeps serving with the old one; a
-//! valid one replaces the running agent in-process (listeners re-bound,
-//! scanners reopened; HIS clients reconnect, which they must handle anyway).
+//! Shutdown is phased so that nothing a patient started is lost: (1) stop
+//! intake (scanners end; the scans they already read are queued), (2) drain
+//! the scan lanes (every queued scan is resolved, recorded and broadcast),
+//! (3) end HIS sessions (each writes what is queued for it first), the
+//! listeners, the control socket, metrics and the uploader (rows in flight
+//! stay pending and keep their requestIds).
+//!
+//! `SIGHUP` reloads the configuration *in place*: a new one with problems is
+//! refused (every problem logged) and the agent keeps serving with the old.
+//! A valid one changes only what changed, and stops nothing else:
+//! * the outbox, the hub (connected HIS clients, held events), the scan
+//!   lanes and the pipeline's scan memory (HIS's `use`/`bind` after a reload
+//!   still find their scans) are kept; an outbox path change is refused
+//!   until a restart (said in the log and in `status`);
+//! * the pipeline and the uploader get the new settings (the uploader is
+//!   restarted only if its settings or the platform's changed);
+//! * a listener whose address did not change keeps its socket; a changed one
+//!   is bound *before* the old one is closed, so the port is never free for
+//!   another local user to take, and a bind that fails keeps the old one
+//!   serving (logged, and under NEEDS ATTENTION in `status`): a reload never
+//!   makes the agent exit;
+//! * scanners whose section did not change keep running (a stdin scanner
+//!   keeps its input); changed ones are reopened, removed ones closed.
+//!
 //! The watchdog (`WatchdogSec=`) is fed from the main loop only after a
 //! round trip through the outbox's store, so a wedged agent is restarted.
 
@@ -31,7 +48,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock;
 use crate::config::{self, Config, Env, ScannerKind};
 use crate::his::protocol::{Out, PROTOCOL_VERSION};
-use crate::his::{HisSettings, Hub};
+use crate::his::{HisSettings, Hub, Server};
 use crate::outbox::uploader::{self, UploaderSettings};
 use crate::outbox::{Outbox, StoreError};
 use crate::pipeline::{Pipeline, PipelineSettings};
@@ -66,6 +83,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
 impl StartError {
@@ -84,24 +103,41 @@ pub struct Core {
     pub pipeline: Arc<Pipeline>,
     pub outbox: Outbox,
     pub hub: Hub,
-    pub client: Client,
+    /// Replaced by a reload that changes the platform's settings.
+    client: std::sync::RwLock<Client>,
     pub scanners: ScannerStates,
-    pub terminal_id: String,
+    terminal_id: std::sync::RwLock<String>,
     pub outbox_path: PathBuf,
     pub started_at: i64,
+    /// What the last reload could not apply (a listener that could not be
+    /// bound, an outbox path change); shown under NEEDS ATTENTION.
+    reload_faults: std::sync::Mutex<Vec<String>>,
+}
+
+fn read<T: Clone>(l: &std::sync::RwLock<T>) -> T {
+    l.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn write<T>(l: &std::sync::RwLock<T>, v: T) {
+    *l.write().unwrap_or_else(|e| e.into_inner()) = v;
 }
 
 impl Core {
+    pub fn client(&self) -> Client {
+        read(&self.client)
+    }
+
     pub async fn status(&self) -> Status {
         let now = clock::now_unix();
         let counts = self.outbox.counts().await.unwrap_or_default();
         let up = self.outbox.status();
-        let token = self.client.token();
+        let client = self.client();
+        let token = client.token();
         let mut s = Status {
             agent: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")).into(),
             pid: std::process::id(),
             started_at: self.started_at,
-            terminal_id: self.terminal_id.clone(),
+            terminal_id: read(&self.terminal_id),
             scanners: self
                 .scanners
                 .snapshot()
@@ -132,18 +168,16 @@ impl Core {
             token: TokenView {
                 valid: token.as_ref().is_some_and(|t| t.expires_at > now),
                 expires_at: token.map(|t| t.expires_at),
-                refreshes: self
-                    .client
+                refreshes: client
                     .stats()
                     .token_fetches
                     .load(std::sync::atomic::Ordering::Relaxed),
-                revocations: self
-                    .client
+                revocations: client
                     .stats()
                     .revocations
                     .load(std::sync::atomic::Ordering::Relaxed),
                 last_revoked_at: Some(
-                    self.client
+                    client
                         .stats()
                         .last_revoked_at
                         .load(std::sync::atomic::Ordering::Relaxed),
@@ -154,6 +188,13 @@ impl Core {
             attention: vec![],
         };
         s.assess(now);
+        let faults = self
+            .reload_faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.attention
+            .extend(faults.into_iter().map(|f| format!("reload: {f}")));
         s
     }
 
@@ -197,7 +238,6 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub outbox: Outbox,
     pub hub: Hub,
-    pub client: Client,
     pub his_unix: Option<PathBuf>,
     pub his_tcp: Option<SocketAddr>,
     pub his_ws: Option<SocketAddr>,
@@ -207,9 +247,106 @@ pub struct App {
     pub scans: mpsc::Sender<Scan>,
     /// Each configured device scanner's state.
     pub scanners: ScannerStates,
+    /// Ends sessions, listeners, the uploader: the last phase of shutdown.
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Scanners: stopped first at shutdown.
+    intake: TaskTracker,
+    /// Ends the dispatcher once intake has stopped and the queue is drained.
+    dispatch_stop: CancellationToken,
+    /// The dispatcher and its scan lanes.
     scan_tasks: TaskTracker,
+    server: Server<Pipeline>,
+    running: Running,
+}
+
+/// A part that runs until its own token, and the configuration it runs with.
+struct Part<K> {
+    key: K,
+    stop: CancellationToken,
+}
+
+/// What is running, with the configuration each part was started from: a
+/// reload compares against it.
+struct Running {
+    cfg: Config,
+    unix: Option<Part<PathBuf>>,
+    tcp: Option<Part<SocketAddr>>,
+    ws: Option<Part<SocketAddr>>,
+    control: Part<PathBuf>,
+    metrics: Option<Part<SocketAddr>>,
+    uploader: CancellationToken,
+    /// Scanner name → its section (as JSON, to compare) and stop token.
+    scanners: HashMap<String, Part<serde_json::Value>>,
+}
+
+/// The greeting every HIS client gets first.
+fn hello(cfg: &Config) -> Out {
+    Out::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")).into(),
+        terminal_id: cfg.terminal.id.clone(),
+        auth: None,
+    }
+}
+
+/// The HIS listeners' settings, with the token TCP and WebSocket clients
+/// present (loaded, or made and published, only when one of them is on).
+fn his_settings(cfg: &Config) -> Result<HisSettings, StartError> {
+    let token = if cfg.his_tcp.is_some() || cfg.his_ws.is_some() {
+        let gid = crate::his::server::socket_gid(cfg.his.socket_group.as_deref())?;
+        let state_dir = cfg
+            .state_path
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let loaded = crate::his::token::load(
+            cfg.his_token.as_ref().map(|t| t.expose()),
+            &state_dir,
+            &cfg.his_unix,
+            gid,
+        )?;
+        if let Some(p) = &loaded.published {
+            tracing::info!(path = %p.display(), "HIS token for TCP and WebSocket clients published");
+        }
+        Some(loaded.token)
+    } else {
+        None
+    };
+    Ok(HisSettings {
+        unix: Some(cfg.his_unix.clone()),
+        socket_group: cfg.his.socket_group.clone(),
+        tcp: cfg.his_tcp,
+        ws: cfg.his_ws,
+        allowed_origins: cfg.his.allowed_origins.clone(),
+        token,
+        max_clients: cfg.his.max_clients,
+    })
+}
+
+/// The platform client's settings, comparable: a reload rebuilds the client
+/// only when one of them changed.
+fn client_key(cfg: &Config) -> String {
+    let s = ClientSettings::from_config(cfg);
+    format!(
+        "{}|{}|{}|{:x}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        s.base_url,
+        s.app_id,
+        s.hospital_id,
+        {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(s.secret.expose().as_bytes())
+        },
+        s.scan_timeout,
+        s.upload_timeout,
+        s.proxy,
+        s.ca_file,
+        s.state_path
+    )
+}
+
+fn scanner_key(s: &config::ScannerSection) -> serde_json::Value {
+    serde_json::to_value(s).unwrap_or_default()
 }
 
 impl App {
@@ -226,43 +363,17 @@ impl App {
             outbox.clone(),
             hub.clone(),
         ));
-        // Loopback TCP and WebSocket clients authenticate; the Unix socket
-        // is guarded by its mode and the peer check.
-        let token = if cfg.his_tcp.is_some() || cfg.his_ws.is_some() {
-            let gid = cfg.his.socket_group.as_deref().and_then(|g| {
-                nix::unistd::Group::from_name(g)
-                    .ok()
-                    .flatten()
-                    .map(|g| g.gid.as_raw())
-            });
-            let state_dir = cfg
-                .state_path
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default();
-            let loaded = crate::his::token::load(
-                cfg.his_token.as_ref().map(|t| t.expose()),
-                &state_dir,
-                &cfg.his_unix,
-                gid,
-            )?;
-            if let Some(p) = &loaded.published {
-                tracing::info!(path = %p.display(), "HIS token for TCP and WebSocket clients published");
-            }
-            Some(loaded.token)
-        } else {
-            None
+        let his = his_settings(cfg)?;
+        let gid = crate::his::server::socket_gid(his.socket_group.as_deref())?;
+        let unix_l = crate::his::server::bind_unix(&cfg.his_unix, gid).await?;
+        let tcp_l = match cfg.his_tcp {
+            Some(a) => Some(crate::his::server::bind_tcp(a).await?),
+            None => None,
         };
-        let listeners = crate::his::server::bind(&HisSettings {
-            unix: Some(cfg.his_unix.clone()),
-            socket_group: cfg.his.socket_group.clone(),
-            tcp: cfg.his_tcp,
-            ws: cfg.his_ws,
-            allowed_origins: cfg.his.allowed_origins.clone(),
-            token,
-            max_clients: cfg.his.max_clients,
-        })
-        .await?;
+        let ws_l = match cfg.his_ws {
+            Some(a) => Some(crate::his::server::bind_tcp(a).await?),
+            None => None,
+        };
         let control_path = crate::control::path_for(&cfg.his_unix);
         let control = crate::control::bind(&control_path).await?;
         let metrics_listener = match cfg.metrics {
@@ -280,89 +391,98 @@ impl App {
             pipeline: pipeline.clone(),
             outbox: outbox.clone(),
             hub: hub.clone(),
-            client: client.clone(),
+            client: std::sync::RwLock::new(client.clone()),
             scanners: scanners.clone(),
-            terminal_id: cfg.terminal.id.clone(),
+            terminal_id: std::sync::RwLock::new(cfg.terminal.id.clone()),
             outbox_path: cfg.outbox_path.clone(),
             started_at: clock::now_unix(),
+            reload_faults: std::sync::Mutex::new(Vec::new()),
         });
-        let hello = Out::Hello {
-            protocol: PROTOCOL_VERSION,
-            agent: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")).into(),
-            terminal_id: cfg.terminal.id.clone(),
-            auth: None,
-        };
-        let (his_unix, his_tcp, his_ws) = (
-            listeners.unix_path.clone(),
-            listeners.tcp_addr,
-            listeners.ws_addr,
-        );
-        listeners.serve(
+        let server = Server::new(
             hub.clone(),
             pipeline.clone(),
-            hello,
+            &hello(cfg),
+            &his,
             cancel.clone(),
             &tracker,
         );
+        let his_tcp = tcp_l.as_ref().and_then(|l| l.local_addr().ok());
+        let his_ws = ws_l.as_ref().and_then(|l| l.local_addr().ok());
+        let unix_stop = cancel.child_token();
+        server.serve_unix(unix_l, cfg.his_unix.clone(), gid, unix_stop.clone());
+        let tcp = tcp_l.map(|l| {
+            let stop = cancel.child_token();
+            server.serve_tcp(l, stop.clone());
+            Part {
+                key: cfg.his_tcp.expect("bound because configured"),
+                stop,
+            }
+        });
+        let ws = ws_l.map(|l| {
+            let stop = cancel.child_token();
+            server.serve_ws(l, stop.clone());
+            Part {
+                key: cfg.his_ws.expect("bound because configured"),
+                stop,
+            }
+        });
+        let control_stop = cancel.child_token();
         crate::control::serve(
             control,
             control_path.clone(),
             core.clone(),
-            cancel.clone(),
+            control_stop.clone(),
             &tracker,
         );
-        let metrics = match metrics_listener {
+        let (metrics, metrics_part) = match metrics_listener {
             Some(l) => {
                 let addr = l.local_addr().ok();
-                serve_metrics(l, core.clone(), cancel.clone(), &tracker);
-                addr
+                let stop = cancel.child_token();
+                serve_metrics(l, core.clone(), stop.clone(), &tracker);
+                (
+                    addr,
+                    cfg.metrics.map(|key| Part { key, stop }),
+                )
             }
-            None => None,
+            None => (None, None),
         };
 
+        let uploader_stop = cancel.child_token();
         tracker.spawn(uploader::run(
             outbox.clone(),
             client.clone(),
             UploaderSettings::from_config(cfg),
-            cancel.clone(),
+            uploader_stop.clone(),
         ));
 
         let (tx, rx) = mpsc::channel::<Scan>(SCAN_QUEUE);
         let scan_tasks = TaskTracker::new();
-        tracker.spawn(dispatch(
+        let dispatch_stop = CancellationToken::new();
+        scan_tasks.spawn(dispatch(
             rx,
             pipeline.clone(),
-            cancel.clone(),
+            dispatch_stop.clone(),
             scan_tasks.clone(),
         ));
 
-        for s in cfg.scanners.iter().filter(|s| s.kind != ScannerKind::Stdin) {
-            tracker.spawn(scanner::device::run(
-                s.clone(),
-                tx.clone(),
-                scanners.clone(),
-                cancel.clone(),
-            ));
-        }
-        for s in cfg.scanners.iter().filter(|s| s.kind == ScannerKind::Stdin) {
-            let (name, debounce, tx) = (
+        let intake = TaskTracker::new();
+        let mut running_scanners = HashMap::new();
+        for s in &cfg.scanners {
+            let stop = cancel.child_token();
+            start_scanner(s, &tx, &scanners, stop.clone(), &intake);
+            running_scanners.insert(
                 s.name.clone(),
-                Duration::from_millis(s.debounce_ms),
-                tx.clone(),
+                Part {
+                    key: scanner_key(s),
+                    stop,
+                },
             );
-            let cancel = cancel.clone();
-            tracker.spawn(async move {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = scanner::stdin::run(name, tokio::io::stdin(), debounce, tx) => {}
-                }
-            });
         }
         let shown =
             |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(
             terminal = %cfg.terminal.id,
-            his_unix = %his_unix.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into()),
+            his_unix = %cfg.his_unix.display(),
             his_tcp = %shown(his_tcp),
             his_ws = %shown(his_ws),
             control = %control_path.display(),
@@ -375,17 +495,35 @@ impl App {
             pipeline,
             outbox,
             hub,
-            client,
-            his_unix,
+            his_unix: Some(cfg.his_unix.clone()),
             his_tcp,
             his_ws,
-            control: control_path,
+            control: control_path.clone(),
             metrics,
             scans: tx,
             scanners,
             cancel,
             tracker,
+            intake,
+            dispatch_stop,
             scan_tasks,
+            server,
+            running: Running {
+                cfg: cfg.clone(),
+                unix: Some(Part {
+                    key: cfg.his_unix.clone(),
+                    stop: unix_stop,
+                }),
+                tcp,
+                ws,
+                control: Part {
+                    key: control_path,
+                    stop: control_stop,
+                },
+                metrics: metrics_part,
+                uploader: uploader_stop,
+                scanners: running_scanners,
+            },
         })
     }
 
@@ -393,16 +531,288 @@ impl App {
         self.cancel.clone()
     }
 
-    /// Stop: no new scans, finish scans in flight, stop the uploader and
-    /// listeners.
+    /// Apply a new, valid configuration in place (module doc). Returns what
+    /// could not be applied; the agent goes on serving either way.
+    pub async fn reload(&mut self, new: &Config) -> Vec<String> {
+        let mut faults = Vec::new();
+        let old = self.running.cfg.clone();
+
+        if new.outbox_path != old.outbox_path {
+            faults.push(format!(
+                "outbox.path changed to {}: the outbox stays at {} until the agent is restarted",
+                new.outbox_path.display(),
+                old.outbox_path.display()
+            ));
+        }
+
+        // The platform client, the pipeline, the uploader.
+        let mut client = self.core.client();
+        let client_changed = client_key(new) != client_key(&old);
+        let mut client_ok = true;
+        if client_changed {
+            match Client::new(ClientSettings::from_config(new)) {
+                Ok(c) => client = c,
+                Err(e) => {
+                    client_ok = false;
+                    faults.push(format!("the platform settings could not be applied ({e}); still using the previous ones"));
+                }
+            }
+        }
+        self.pipeline
+            .reconfigure(PipelineSettings::from_config(new), client.clone());
+        write(&self.core.client, client.clone());
+        write(&self.core.terminal_id, new.terminal.id.clone());
+        self.hub.set_hold(Duration::from_secs(new.his.hold_s));
+        let uploader_changed = (client_changed && client_ok)
+            || new.outbox.batch != old.outbox.batch
+            || new.outbox.concurrency != old.outbox.concurrency
+            || new.outbox.retention_days != old.outbox.retention_days;
+        if uploader_changed {
+            // Rows in flight stay pending and are sent again with their
+            // requestIds (10054 then means done).
+            self.running.uploader.cancel();
+            let stop = self.cancel.child_token();
+            self.tracker.spawn(uploader::run(
+                self.outbox.clone(),
+                client,
+                UploaderSettings::from_config(new),
+                stop.clone(),
+            ));
+            self.running.uploader = stop;
+        }
+
+        // HIS: settings every new connection reads, then the listeners.
+        match his_settings(new) {
+            Ok(his) => self.server.update(&hello(new), &his),
+            Err(e) => faults.push(format!("HIS token: {e}; TCP and WebSocket clients keep the previous token")),
+        }
+        if new.his_unix != old.his_unix {
+            let bound = match crate::his::server::socket_gid(new.his.socket_group.as_deref()) {
+                Ok(gid) => crate::his::server::bind_unix(&new.his_unix, gid)
+                    .await
+                    .map(|l| (l, gid)),
+                Err(e) => Err(e),
+            };
+            match bound {
+                Ok((l, gid)) => {
+                    let stop = self.cancel.child_token();
+                    self.server.serve_unix(l, new.his_unix.clone(), gid, stop.clone());
+                    if let Some(p) = self.running.unix.replace(Part { key: new.his_unix.clone(), stop }) {
+                        p.stop.cancel();
+                    }
+                    self.his_unix = Some(new.his_unix.clone());
+                    tracing::info!(path = %new.his_unix.display(), "HIS socket moved");
+                }
+                Err(e) => faults.push(format!("his.listen_unix {}: {e}; still serving on {}", new.his_unix.display(), old.his_unix.display())),
+            }
+            let control_path = crate::control::path_for(&new.his_unix);
+            if control_path != self.running.control.key {
+                match crate::control::bind(&control_path).await {
+                    Ok(l) => {
+                        let stop = self.cancel.child_token();
+                        crate::control::serve(l, control_path.clone(), self.core.clone(), stop.clone(), &self.tracker);
+                        let old = std::mem::replace(&mut self.running.control, Part { key: control_path.clone(), stop });
+                        old.stop.cancel();
+                        self.control = control_path;
+                    }
+                    Err(e) => faults.push(format!("control socket {}: {e}; still at {}", control_path.display(), self.running.control.key.display())),
+                }
+            }
+        }
+        self.his_tcp = self
+            .reload_tcp(new.his_tcp, Listener::Tcp, &mut faults)
+            .await
+            .or(self.his_tcp.filter(|_| self.running.tcp.is_some()));
+        self.his_ws = self
+            .reload_tcp(new.his_ws, Listener::Ws, &mut faults)
+            .await
+            .or(self.his_ws.filter(|_| self.running.ws.is_some()));
+        if new.metrics != self.running.metrics.as_ref().map(|p| p.key) {
+            match new.metrics {
+                None => {
+                    if let Some(p) = self.running.metrics.take() {
+                        p.stop.cancel();
+                    }
+                    self.metrics = None;
+                }
+                Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        self.metrics = l.local_addr().ok();
+                        let stop = self.cancel.child_token();
+                        serve_metrics(l, self.core.clone(), stop.clone(), &self.tracker);
+                        if let Some(p) = self.running.metrics.replace(Part { key: addr, stop }) {
+                            p.stop.cancel();
+                        }
+                    }
+                    Err(e) => faults.push(format!("metrics.listen {addr}: {e}; metrics stay where they were")),
+                },
+            }
+        }
+
+        // Scanners: the unchanged keep running.
+        let wanted: HashMap<String, &config::ScannerSection> =
+            new.scanners.iter().map(|s| (s.name.clone(), s)).collect();
+        let names: Vec<String> = self.running.scanners.keys().cloned().collect();
+        for name in names {
+            let keep = wanted
+                .get(&name)
+                .is_some_and(|s| scanner_key(s) == self.running.scanners[&name].key);
+            if !keep {
+                if let Some(p) = self.running.scanners.remove(&name) {
+                    p.stop.cancel();
+                    self.scanners.unregister(&name);
+                    tracing::info!(scanner = %name, "scanner closed by the reload");
+                }
+            }
+        }
+        for s in &new.scanners {
+            if !self.running.scanners.contains_key(&s.name) {
+                let stop = self.cancel.child_token();
+                start_scanner(s, &self.scans, &self.scanners, stop.clone(), &self.intake);
+                self.running.scanners.insert(
+                    s.name.clone(),
+                    Part {
+                        key: scanner_key(s),
+                        stop,
+                    },
+                );
+            }
+        }
+
+        for f in &faults {
+            tracing::error!(problem = %f, "reload: not applied");
+        }
+        *self
+            .core
+            .reload_faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = faults.clone();
+        // What was applied is now the running configuration, but a part
+        // that kept its old setting keeps being compared with it.
+        let mut applied = new.clone();
+        applied.outbox_path = old.outbox_path.clone();
+        if let Some(p) = &self.running.unix {
+            applied.his_unix = p.key.clone();
+        }
+        applied.his_tcp = self.running.tcp.as_ref().map(|p| p.key);
+        applied.his_ws = self.running.ws.as_ref().map(|p| p.key);
+        applied.metrics = self.running.metrics.as_ref().map(|p| p.key);
+        if !client_ok {
+            applied.platform = old.platform.clone();
+            applied.app_secret = old.app_secret.clone();
+            applied.state_path = old.state_path.clone();
+        }
+        self.running.cfg = applied;
+        faults
+    }
+
+    /// Move a TCP-style listener to `want`: bind first, then close the old.
+    /// Returns the new bound address when it moved.
+    async fn reload_tcp(
+        &mut self,
+        want: Option<SocketAddr>,
+        which: Listener,
+        faults: &mut Vec<String>,
+    ) -> Option<SocketAddr> {
+        let slot = match which {
+            Listener::Tcp => &mut self.running.tcp,
+            Listener::Ws => &mut self.running.ws,
+        };
+        if want == slot.as_ref().map(|p| p.key) {
+            return None;
+        }
+        let Some(addr) = want else {
+            if let Some(p) = slot.take() {
+                p.stop.cancel();
+            }
+            return None;
+        };
+        match crate::his::server::bind_tcp(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().ok();
+                let stop = self.cancel.child_token();
+                match which {
+                    Listener::Tcp => self.server.serve_tcp(l, stop.clone()),
+                    Listener::Ws => self.server.serve_ws(l, stop.clone()),
+                }
+                if let Some(p) = slot.replace(Part { key: addr, stop }) {
+                    p.stop.cancel();
+                }
+                tracing::info!(listener = which.key(), address = %addr, "HIS listener moved");
+                bound
+            }
+            Err(e) => {
+                let now = slot
+                    .as_ref()
+                    .map(|p| format!("still serving on {}", p.key))
+                    .unwrap_or_else(|| "not listening".into());
+                faults.push(format!("{} {addr}: {e}; {now}", which.key()));
+                None
+            }
+        }
+    }
+
+    /// Stop in phases (module doc): intake, scan lanes, then the rest.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
-        self.cancel.cancel();
+        for p in self.running.scanners.values() {
+            p.stop.cancel();
+        }
+        self.intake.close();
+        self.intake.wait().await;
+        drop(self.scans);
+        self.dispatch_stop.cancel();
         self.scan_tasks.close();
         self.scan_tasks.wait().await;
+        self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         tracing::info!("stopped");
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Listener {
+    Tcp,
+    Ws,
+}
+
+impl Listener {
+    fn key(self) -> &'static str {
+        match self {
+            Listener::Tcp => "his.listen_tcp",
+            Listener::Ws => "his.listen_ws",
+        }
+    }
+}
+
+/// Start one scanner on the intake tracker, until `stop`.
+fn start_scanner(
+    s: &config::ScannerSection,
+    tx: &mpsc::Sender<Scan>,
+    states: &ScannerStates,
+    stop: CancellationToken,
+    intake: &TaskTracker,
+) {
+    if s.kind == ScannerKind::Stdin {
+        let (name, debounce, tx) = (
+            s.name.clone(),
+            Duration::from_millis(s.debounce_ms),
+            tx.clone(),
+        );
+        intake.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = scanner::stdin::run(name, tokio::io::stdin(), debounce, tx) => {}
+            }
+        });
+    } else {
+        intake.spawn(scanner::device::run(
+            s.clone(),
+            tx.clone(),
+            states.clone(),
+            stop,
+        ));
     }
 }
 
@@ -448,16 +858,12 @@ fn serve_metrics(
 async fn dispatch(
     mut rx: mpsc::Receiver<Scan>,
     pipeline: Arc<Pipeline>,
-    cancel: CancellationToken,
+    stop: CancellationToken,
     tasks: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(PARALLEL_SCANS));
     let mut lanes: HashMap<String, mpsc::UnboundedSender<Scan>> = HashMap::new();
-    loop {
-        let scan = tokio::select! {
-            _ = cancel.cancelled() => break,
-            s = rx.recv() => match s { Some(s) => s, None => break },
-        };
+    let mut route = |scan: Scan| {
         let lane = lanes.entry(scan.scanner.clone()).or_insert_with(|| {
             let (tx, mut lane_rx) = mpsc::unbounded_channel::<Scan>();
             let (p, limit) = (pipeline.clone(), limit.clone());
@@ -475,6 +881,19 @@ async fn dispatch(
             tx
         });
         let _ = lane.send(scan);
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                // Intake has stopped: what the scanners already queued is
+                // still a patient's scan.
+                while let Ok(scan) = rx.try_recv() {
+                    route(scan);
+                }
+                break;
+            }
+            s = rx.recv() => match s { Some(s) => route(s), None => break },
+        }
     }
     // Dropping the lanes' senders lets each lane finish what it holds.
 }
@@ -502,8 +921,7 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
     ) {
         (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            tracing::error!(error = %e, "cannot install signal handlers; not starting");
-            return Ok(());
+            return Err(StartError::Signals(e));
         }
     };
     let mut app = App::start(&cfg).await?;
@@ -567,17 +985,12 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
                     }
                     Ok(new) => {
                         notify(&[sd_notify::NotifyState::Reloading]);
-                        app.shutdown().await;
-                        match App::start(&new).await {
-                            Ok(a) => {
-                                app = a;
-                                cfg = new;
-                                tracing::info!("configuration reloaded");
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "the new configuration could not start; going back to the previous one");
-                                app = App::start(&cfg).await?;
-                            }
+                        let faults = app.reload(&new).await;
+                        cfg = new;
+                        if faults.is_empty() {
+                            tracing::info!("configuration reloaded");
+                        } else {
+                            tracing::warn!(not_applied = faults.len(), "configuration reloaded in part; see the errors above and `ehc-agent status`");
                         }
                         let status = app.core.status().await;
                         notify(&[

@@ -108,8 +108,10 @@ pub struct ScanStats {
 }
 
 pub struct Pipeline {
-    settings: PipelineSettings,
-    client: Client,
+    /// Swapped by a reload; a scan in flight keeps the settings it started
+    /// with.
+    settings: std::sync::RwLock<std::sync::Arc<PipelineSettings>>,
+    client: std::sync::RwLock<Client>,
     outbox: Outbox,
     hub: Hub,
     scans: Mutex<(HashMap<String, Remembered>, VecDeque<String>)>,
@@ -124,13 +126,28 @@ fn new_scan_id() -> String {
 impl Pipeline {
     pub fn new(settings: PipelineSettings, client: Client, outbox: Outbox, hub: Hub) -> Self {
         Pipeline {
-            settings,
-            client,
+            settings: std::sync::RwLock::new(std::sync::Arc::new(settings)),
+            client: std::sync::RwLock::new(client),
             outbox,
             hub,
             scans: Mutex::new((HashMap::new(), VecDeque::new())),
             stats: Mutex::new(ScanStats::default()),
         }
+    }
+
+    fn settings(&self) -> std::sync::Arc<PipelineSettings> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn client(&self) -> Client {
+        self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A reload: new settings and client for scans from now on. The scan
+    /// memory (HIS's `use` and `bind` refer to it) is kept.
+    pub fn reconfigure(&self, settings: PipelineSettings, client: Client) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(settings);
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
     }
 
     pub fn stats(&self) -> ScanStats {
@@ -189,7 +206,7 @@ impl Pipeline {
             qr_code_text: text.to_owned(),
         };
         match self
-            .client
+            .client()
             .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
             .await
         {
@@ -216,7 +233,7 @@ impl Pipeline {
             }
             Err(e)
                 if e.is_unavailable()
-                    && self.settings.static_offline == StaticOffline::PassUnverified =>
+                    && self.settings().static_offline == StaticOffline::PassUnverified =>
             {
                 tracing::warn!(scan_id = %scan_id, error = %e, "platform unavailable: static code passed offline, unverified");
                 let identity = CardIdentity {
@@ -231,7 +248,7 @@ impl Pipeline {
     }
 
     async fn resolve_dynamic(&self, scan: &Scan, scan_id: String, text: &str) -> Out {
-        let s = &self.settings;
+        let s = self.settings();
         let req = VerifyQrCodeReq {
             qr_code_text: text.to_owned(),
             terminal_id: s.terminal_id.clone(),
@@ -245,7 +262,7 @@ impl Pipeline {
             use_channel: Some(s.channel.clone()),
         };
         match self
-            .client
+            .client()
             .call::<VerifyQrCode>(&req, CallOptions::scan())
             .await
         {
@@ -284,7 +301,7 @@ impl Pipeline {
         if !cut.is_empty() {
             tracing::warn!(scan_id = %scan_id, fields = ?cut, "the platform's answer had over-long identity fields; cut to the protocol's limits");
         }
-        let s = &self.settings;
+        let s = self.settings();
         let recorded = if dynamic && !s.report_dynamic {
             true // verifyQRCode already counted this use
         } else {
@@ -351,7 +368,7 @@ impl Pipeline {
         at: i64,
         wait_until: Option<i64>,
     ) -> NewRow {
-        let s = &self.settings;
+        let s = self.settings();
         let req = ReportReq {
             qr_code_text: Some(text.to_owned()),
             id_card_number: None,
@@ -428,7 +445,7 @@ impl Pipeline {
         department: Option<String>,
     ) -> Result<(), String> {
         let r = self.recall(scan_id).ok_or_else(|| unknown_scan(scan_id))?;
-        let s = &self.settings;
+        let s = self.settings();
         let scene = scene.unwrap_or_else(|| s.scene.clone());
         let department = department.or_else(|| s.department.clone());
         if tables::scene_needs_department(&scene) && department.is_none() {

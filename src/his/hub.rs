@@ -37,10 +37,11 @@ pub type Line = Arc<str>;
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Mutex<State>>,
-    hold: Duration,
 }
 
 struct State {
+    /// `hold_s`; a reload may change it.
+    hold: Duration,
     next_id: u64,
     clients: HashMap<u64, Client>,
     held: VecDeque<(Line, Instant)>,
@@ -78,13 +79,18 @@ impl Hub {
     pub fn new(hold: Duration) -> Hub {
         Hub {
             inner: Arc::new(Mutex::new(State {
+                hold,
                 next_id: 1,
                 clients: HashMap::new(),
                 held: VecDeque::new(),
                 held_dropped: 0,
             })),
-            hold,
         }
+    }
+
+    /// A reload's new `hold_s`, for events held from now on.
+    pub fn set_hold(&self, hold: Duration) {
+        self.lock().hold = hold;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -116,7 +122,7 @@ impl Hub {
             }
         }
         if identified == 0 {
-            if self.hold.is_zero() {
+            if st.hold.is_zero() {
                 if sent == 0 {
                     tracing::warn!("no HIS client connected and hold_s is 0: event dropped");
                     st.held_dropped += 1;
@@ -127,10 +133,11 @@ impl Hub {
                     st.held_dropped += 1;
                     tracing::warn!(max = MAX_HELD, "too many events held for HIS; the oldest was dropped");
                 }
-                st.held.push_back((line, now + self.hold));
+                let until = now + st.hold;
+                st.held.push_back((line, until));
                 tracing::info!(
                     held = st.held.len(),
-                    hold_s = self.hold.as_secs(),
+                    hold_s = st.hold.as_secs(),
                     "no identified HIS client connected: event held"
                 );
             }

@@ -10,4 +10,4 @@ pub mod token;
 
 pub use hub::Hub;
 pub use protocol::{In, Out};
-pub use server::{HisSettings, Listeners};
+pub use server::{HisSettings, Server};

@@ -133,65 +133,31 @@ pub enum HisError {
     },
 }
 
-/// Bound listeners, before serving: binding first lets the daemon report
-/// READY only once HIS can connect, and tests learn the ports.
-pub struct Listeners {
-    unix: Option<(UnixListener, PathBuf)>,
-    group_gid: Option<u32>,
-    tcp: Option<TcpListener>,
-    ws: Option<TcpListener>,
-    pub unix_path: Option<PathBuf>,
-    pub tcp_addr: Option<SocketAddr>,
-    pub ws_addr: Option<SocketAddr>,
-    allowed_origins: Arc<Vec<String>>,
-    token: Option<HisToken>,
-    max_clients: usize,
-}
-
-pub async fn bind(s: &HisSettings) -> Result<Listeners, HisError> {
-    let group_gid = match &s.socket_group {
-        None => None,
-        Some(g) => Some(
+/// The gid of the HIS socket group, if one is configured.
+pub fn socket_gid(group: Option<&str>) -> Result<Option<u32>, HisError> {
+    match group {
+        None => Ok(None),
+        Some(g) => Ok(Some(
             nix::unistd::Group::from_name(g)
                 .ok()
                 .flatten()
-                .ok_or_else(|| HisError::NoSuchGroup(g.clone()))?
+                .ok_or_else(|| HisError::NoSuchGroup(g.to_owned()))?
                 .gid
                 .as_raw(),
-        ),
-    };
-    let unix = match &s.unix {
-        None => None,
-        Some(p) => Some((bind_unix(p, group_gid).await?, p.clone())),
-    };
-    let tcp_bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| HisError::Tcp { addr, source })
-    };
-    let tcp = match s.tcp {
-        Some(a) => Some(tcp_bind(a).await?),
-        None => None,
-    };
-    let ws = match s.ws {
-        Some(a) => Some(tcp_bind(a).await?),
-        None => None,
-    };
-    Ok(Listeners {
-        unix_path: unix.as_ref().map(|(_, p)| p.clone()),
-        tcp_addr: tcp.as_ref().and_then(|l| l.local_addr().ok()),
-        ws_addr: ws.as_ref().and_then(|l| l.local_addr().ok()),
-        unix,
-        group_gid,
-        tcp,
-        ws,
-        allowed_origins: Arc::new(s.allowed_origins.clone()),
-        token: s.token.clone(),
-        max_clients: s.max_clients.max(1),
-    })
+        )),
+    }
 }
 
-async fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, HisError> {
+/// Bind a loopback TCP (or WebSocket) listener.
+pub async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, HisError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HisError::Tcp { addr, source })
+}
+
+/// Bind the HIS Unix socket: mode 0660, group `gid`; a stale socket file is
+/// replaced, a live one refused.
+pub async fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, HisError> {
     let err = |source| HisError::Unix {
         path: path.to_owned(),
         source,
@@ -267,52 +233,56 @@ fn user_groups(uid: u32, gid: u32) -> Option<Vec<u32>> {
 }
 
 /// One listener's connection slots, and when a refusal was last logged.
+/// The bound is read at each connection, so a reload can change it.
 struct Slots {
     name: &'static str,
-    sem: Arc<tokio::sync::Semaphore>,
-    max: usize,
+    active: Arc<std::sync::atomic::AtomicUsize>,
     last_log: std::sync::Mutex<Option<std::time::Instant>>,
     refused: std::sync::atomic::AtomicU64,
 }
 
+/// A taken slot; given back when dropped (the session ended).
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl Slots {
-    fn new(name: &'static str, max: usize) -> Arc<Slots> {
+    fn new(name: &'static str) -> Arc<Slots> {
         Arc::new(Slots {
             name,
-            sem: Arc::new(tokio::sync::Semaphore::new(max)),
-            max,
+            active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             last_log: std::sync::Mutex::new(None),
             refused: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// A slot, or `None` (logged, at most once every 10 s) when all are
+    /// A slot, or `None` (logged, at most once every 10 s) when `max` are
     /// taken.
-    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        match self.sem.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let n = self
-                    .refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1;
-                let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
-                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    *last = Some(std::time::Instant::now());
-                    tracing::warn!(listener = self.name, max_clients = self.max, refused_total = n, "HIS connection refused: the listener has max_clients connections already ([his] max_clients)");
-                }
-                None
-            }
+    fn take(&self, max: usize) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        let taken = self
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        if taken.is_ok() {
+            return Some(Slot(self.active.clone()));
         }
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(listener = self.name, max_clients = max, refused_total = n, "HIS connection refused: the listener has max_clients connections already ([his] max_clients)");
+        }
+        None
     }
 
-    fn full_message(&self) -> String {
+    fn full_message(max: usize) -> String {
         Out::error(
             None,
-            format!(
-                "too many connections on this listener ({}); closing",
-                self.max
-            ),
+            format!("too many connections on this listener ({max}); closing"),
         )
         .to_line()
     }
@@ -327,19 +297,19 @@ async fn refuse<W: AsyncWrite + Unpin>(mut w: W, line: String) {
     .await;
 }
 
-impl Listeners {
-    /// Serve every listener until `cancel`, on tasks tracked by `tracker`.
-    /// `hello` is the greeting every client gets first; connections that
-    /// must authenticate get it with `"auth":"token"`.
-    pub fn serve<H: Handler>(
-        self,
-        hub: Hub,
-        handler: Arc<H>,
-        hello: Out,
-        cancel: CancellationToken,
-        tracker: &TaskTracker,
-    ) {
-        let with_auth = match &hello {
+/// What a reload may change without closing a listener or a connection:
+/// read by each new connection.
+struct Shared {
+    hello: Line,
+    hello_auth: Line,
+    token: Option<HisToken>,
+    origins: Arc<Vec<String>>,
+    max_clients: usize,
+}
+
+impl Shared {
+    fn new(hello: &Out, s: &HisSettings) -> Shared {
+        let with_auth = match hello {
             Out::Hello {
                 protocol,
                 agent,
@@ -353,45 +323,102 @@ impl Listeners {
             },
             other => other.clone(),
         };
-        let ctx = Ctx {
-            hub,
-            handler,
+        Shared {
             hello: hello.to_line().into(),
             hello_auth: with_auth.to_line().into(),
-            token: self.token.clone(),
-            cancel: cancel.clone(),
-            tracker: tracker.clone(),
-        };
-        let max = self.max_clients;
-        if let Some((l, path)) = self.unix {
-            let (ctx, gid) = (ctx.clone(), self.group_gid);
-            let slots = Slots::new("unix", max);
-            tracker.spawn(async move {
-                accept_unix(l, gid, slots, ctx).await;
-                let _ = std::fs::remove_file(&path);
-            });
+            token: s.token.clone(),
+            origins: Arc::new(s.allowed_origins.clone()),
+            max_clients: s.max_clients.max(1),
         }
-        if let Some(l) = self.tcp {
-            let ctx = ctx.clone();
-            let slots = Slots::new("tcp", max);
-            tracker.spawn(async move { accept_tcp(l, slots, ctx).await });
+    }
+}
+
+/// Serves HIS clients on listeners it is given. Each listener runs until its
+/// own stop token (a reload closes one listener and keeps the others);
+/// sessions run until the server's `sessions` token (shutdown), so a reload
+/// never drops a connected HIS.
+pub struct Server<H> {
+    ctx: Ctx<H>,
+}
+
+impl<H> Clone for Server<H> {
+    fn clone(&self) -> Self {
+        Server {
+            ctx: self.ctx.clone(),
         }
-        if let Some(l) = self.ws {
-            let (ctx, origins) = (ctx.clone(), self.allowed_origins.clone());
-            let slots = Slots::new("websocket", max);
-            tracker.spawn(async move { accept_ws(l, origins, slots, ctx).await });
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// `hello` is the greeting every client gets first; connections that
+    /// must authenticate get it with `"auth":"token"`.
+    pub fn new(
+        hub: Hub,
+        handler: Arc<H>,
+        hello: &Out,
+        settings: &HisSettings,
+        sessions: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        Server {
+            ctx: Ctx {
+                hub,
+                handler,
+                shared: Arc::new(std::sync::RwLock::new(Arc::new(Shared::new(
+                    hello, settings,
+                )))),
+                cancel: sessions,
+                tracker: tracker.clone(),
+            },
         }
+    }
+
+    /// New greeting, token, origins and bound for connections from now on.
+    pub fn update(&self, hello: &Out, settings: &HisSettings) {
+        *self
+            .ctx
+            .shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(Shared::new(hello, settings));
+    }
+
+    /// Serve the Unix socket until `stop`; its file is removed then.
+    pub fn serve_unix(&self, l: UnixListener, path: PathBuf, gid: Option<u32>, stop: CancellationToken) {
+        let ctx = self.ctx.clone();
+        self.ctx.tracker.spawn(async move {
+            accept_unix(l, gid, Slots::new("unix"), ctx, stop).await;
+            let _ = std::fs::remove_file(&path);
+        });
+    }
+
+    pub fn serve_tcp(&self, l: TcpListener, stop: CancellationToken) {
+        let ctx = self.ctx.clone();
+        self.ctx
+            .tracker
+            .spawn(async move { accept_tcp(l, Slots::new("tcp"), ctx, stop).await });
+    }
+
+    pub fn serve_ws(&self, l: TcpListener, stop: CancellationToken) {
+        let ctx = self.ctx.clone();
+        self.ctx
+            .tracker
+            .spawn(async move { accept_ws(l, Slots::new("websocket"), ctx, stop).await });
     }
 }
 
 struct Ctx<H> {
     hub: Hub,
     handler: Arc<H>,
-    hello: Line,
-    hello_auth: Line,
-    token: Option<HisToken>,
+    shared: Arc<std::sync::RwLock<Arc<Shared>>>,
+    /// Ends every session (shutdown).
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+impl<H> Ctx<H> {
+    fn shared(&self) -> Arc<Shared> {
+        self.shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl<H> Clone for Ctx<H> {
@@ -399,9 +426,7 @@ impl<H> Clone for Ctx<H> {
         Ctx {
             hub: self.hub.clone(),
             handler: self.handler.clone(),
-            hello: self.hello.clone(),
-            hello_auth: self.hello_auth.clone(),
-            token: self.token.clone(),
+            shared: self.shared.clone(),
             cancel: self.cancel.clone(),
             tracker: self.tracker.clone(),
         }
@@ -453,10 +478,11 @@ async fn accept_unix<H: Handler>(
     gid: Option<u32>,
     slots: Arc<Slots>,
     ctx: Ctx<H>,
+    stop: CancellationToken,
 ) {
     let own = nix::unistd::geteuid().as_raw();
     loop {
-        let Some((s, _)) = next_conn(&ctx.cancel, "unix", || l.accept()).await else {
+        let Some((s, _)) = next_conn(&stop, "unix", || l.accept()).await else {
             return;
         };
         let cred = match s.peer_cred() {
@@ -483,8 +509,9 @@ async fn accept_unix<H: Handler>(
             ctx.tracker.spawn(refuse(s, line));
             continue;
         }
-        let Some(permit) = slots.take() else {
-            ctx.tracker.spawn(refuse(s, slots.full_message()));
+        let max = ctx.shared().max_clients;
+        let Some(permit) = slots.take(max) else {
+            ctx.tracker.spawn(refuse(s, Slots::full_message(max)));
             continue;
         };
         tracing::info!(uid, gid = pgid, pid = ?pid, "HIS client connected (unix)");
@@ -504,13 +531,19 @@ async fn accept_unix<H: Handler>(
     }
 }
 
-async fn accept_tcp<H: Handler>(l: TcpListener, slots: Arc<Slots>, ctx: Ctx<H>) {
+async fn accept_tcp<H: Handler>(
+    l: TcpListener,
+    slots: Arc<Slots>,
+    ctx: Ctx<H>,
+    stop: CancellationToken,
+) {
     loop {
-        let Some((s, addr)) = next_conn(&ctx.cancel, "tcp", || l.accept()).await else {
+        let Some((s, addr)) = next_conn(&stop, "tcp", || l.accept()).await else {
             return;
         };
-        let Some(permit) = slots.take() else {
-            ctx.tracker.spawn(refuse(s, slots.full_message()));
+        let max = ctx.shared().max_clients;
+        let Some(permit) = slots.take(max) else {
+            ctx.tracker.spawn(refuse(s, Slots::full_message(max)));
             continue;
         };
         let _ = s.set_nodelay(true);
@@ -543,17 +576,18 @@ fn query_token(uri: &tokio_tungstenite::tungstenite::http::Uri) -> Option<String
 #[allow(clippy::result_large_err)]
 async fn accept_ws<H: Handler>(
     l: TcpListener,
-    origins: Arc<Vec<String>>,
     slots: Arc<Slots>,
     ctx: Ctx<H>,
+    stop: CancellationToken,
 ) {
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
     use tokio_tungstenite::tungstenite::http::StatusCode;
     loop {
-        let Some((s, addr)) = next_conn(&ctx.cancel, "websocket", || l.accept()).await else {
+        let Some((s, addr)) = next_conn(&stop, "websocket", || l.accept()).await else {
             return;
         };
-        let Some(permit) = slots.take() else {
+        let shared = ctx.shared();
+        let Some(permit) = slots.take(shared.max_clients) else {
             // Before the handshake: an HTTP answer a browser can show.
             let body = "too many connections to ehc-agent\n";
             ctx.tracker.spawn(refuse(
@@ -562,9 +596,9 @@ async fn accept_ws<H: Handler>(
             ));
             continue;
         };
-        let (ctx2, origins) = (ctx.clone(), origins.clone());
+        let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
-            let token = ctx2.token.clone();
+            let (token, origins) = (shared.token.clone(), shared.origins.clone());
             let mut given = None::<bool>;
             let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
                 let deny = |status: StatusCode, msg: String| {
@@ -796,17 +830,18 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
     admission: Admission,
     ctx: Ctx<H>,
 ) {
+    let shared = ctx.shared();
     let hello = if admission == Admission::PeerChecked {
-        &ctx.hello
+        &shared.hello
     } else {
-        &ctx.hello_auth
+        &shared.hello_auth
     };
     if !write(&mut w, hello).await {
         return;
     }
     let mut identified = false;
     if admission == Admission::NeedsToken {
-        match authenticate(&mut r, ctx.token.as_ref()).await {
+        match authenticate(&mut r, shared.token.as_ref()).await {
             Ok(reply) => {
                 if !write(&mut w, &reply.to_line()).await {
                     return;
@@ -834,7 +869,15 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
         }
         loop {
             tokio::select! {
-                _ = ctx.cancel.cancelled() => { why = "agent shutting down"; break }
+                _ = ctx.cancel.cancelled() => {
+                    // Events already queued (the last scans drained at
+                    // shutdown) are written before closing.
+                    while let Ok(l) = m.rx.try_recv() {
+                        if !write(&mut w, &l).await { break }
+                    }
+                    why = "agent shutting down";
+                    break
+                }
                 _ = m.evicted.cancelled() => { why = "not reading (queue full): evicted"; break }
                 _ = gone_check.tick(), if !reading => if r.peer_gone() { break },
                 line = m.rx.recv() => match line {
@@ -872,7 +915,8 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
                             Ok(In::Auth { reference, token }) => {
                                 // Harmless on an admitted connection; a wrong
                                 // token is still said to be wrong.
-                                if ctx.token.as_ref().is_some_and(|t| t.matches(&token)) || admission == Admission::PeerChecked && ctx.token.is_none() {
+                                let current = ctx.shared();
+                                if current.token.as_ref().is_some_and(|t| t.matches(&token)) || admission == Admission::PeerChecked && current.token.is_none() {
                                     Out::Reply { reference, ok: true }
                                 } else {
                                     Out::error(reference, "wrong HIS token")

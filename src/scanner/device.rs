@@ -89,6 +89,11 @@ impl ScannerStates {
         );
     }
 
+    /// Forget a scanner a reload removed.
+    pub fn unregister(&self, name: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
     /// Record a state; logs only real changes.
     pub fn set(&self, name: &str, state: ScannerState) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());

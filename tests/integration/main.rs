@@ -13,6 +13,7 @@ mod his_access;
 mod his_examples;
 mod outbox;
 mod outbox_cli;
+mod reload;
 mod packaging;
 mod scan_path;
 mod serial;
