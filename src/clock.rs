@@ -26,6 +26,23 @@ pub fn now_unix() -> i64 {
 }
 
 /// Format Unix seconds as platform time at `offset`.
+/// The end of a wait of `wait_s` seconds from now, as a whole second
+/// rounded *up*: a deadline stored in seconds must never cut a wait short
+/// (`use_wait_s`: HIS's `use` arriving 0.9 s before the configured end
+/// would otherwise find its default use already claimed).
+pub fn deadline_after(wait_s: u64) -> i64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    ceil_secs(now_ms + (wait_s as i64).saturating_mul(1000))
+}
+
+/// Milliseconds to whole seconds, rounded up.
+pub fn ceil_secs(ms: i64) -> i64 {
+    ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0)
+}
+
 pub fn platform_time(unix: i64, offset: UtcOffset) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -80,6 +97,17 @@ pub fn parse_offset(s: &str) -> Option<UtcOffset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_round_up_never_down() {
+        assert_eq!(ceil_secs(1_000), 1);
+        assert_eq!(ceil_secs(1_001), 2);
+        assert_eq!(ceil_secs(1_999), 2);
+        assert_eq!(ceil_secs(0), 0);
+        let before = now_unix();
+        let d = deadline_after(20);
+        assert!(d >= before + 20 && d <= now_unix() + 21, "{d}");
+    }
 
     #[test]
     fn formats_beijing_time() {

@@ -305,7 +305,7 @@ impl Pipeline {
         let recorded = if dynamic && !s.report_dynamic {
             true // verifyQRCode already counted this use
         } else {
-            let wait_until = (s.use_wait_s > 0).then(|| clock::now_unix() + s.use_wait_s as i64);
+            let wait_until = (s.use_wait_s > 0).then(|| clock::deadline_after(s.use_wait_s));
             let row = self.report_row(
                 &scan_id,
                 text,

@@ -346,4 +346,19 @@ mod tests {
         assert!(s.line().contains("uploads stopped") || s.line().contains("scanner left"));
         assert!(s.human(100).contains("NEEDS ATTENTION"));
     }
+
+    /// Regression: two windows sharing an appId failed a third of their
+    /// scans while `status` said all was well.
+    #[test]
+    fn token_revocations_by_another_holder_need_attention() {
+        let mut s = base();
+        s.token.revocations = 3;
+        s.token.last_revoked_at = Some(100);
+        s.assess(160);
+        assert_eq!(s.attention.len(), 1, "{:?}", s.attention);
+        assert!(s.attention[0].contains("3 time(s)") && s.attention[0].contains("gateway"));
+        // An hour later, with no new revocation, it is history.
+        s.assess(100 + REVOCATION_WINDOW_S);
+        assert!(s.attention.is_empty());
+    }
 }

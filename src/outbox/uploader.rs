@@ -360,14 +360,28 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_age_and_is_bounded() {
-        let mut rng = rand::rng();
-        for _ in 0..1000 {
-            assert_eq!(backoff(0, &mut rng), 1);
-            let b = backoff(30, &mut rng);
-            assert!((1..=30).contains(&b));
-            let b = backoff(10 * 86_400, &mut rng);
-            assert!((1..=MAX_BACKOFF_S).contains(&b));
-        }
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mean = |age: i64, rng: &mut rand::rngs::StdRng| {
+            let draws: Vec<i64> = (0..4000).map(|_| backoff(age, rng)).collect();
+            assert!(draws.iter().all(|b| (1..=age.clamp(1, MAX_BACKOFF_S)).contains(b)));
+            // Full jitter: the whole range is used, not one value.
+            let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+            (draws.iter().sum::<i64>() as f64 / draws.len() as f64, *lo, *hi)
+        };
+        assert_eq!(backoff(0, &mut rng), 1);
+        let (m30, lo30, hi30) = mean(30, &mut rng);
+        let (m600, _, _) = mean(600, &mut rng);
+        let (mday, _, hiday) = mean(86_400, &mut rng);
+        let (m10d, _, _) = mean(10 * 86_400, &mut rng);
+        // Uniform on 1..=cap: the mean is about cap/2, so it grows with age
+        // until the cap, then stays.
+        assert!((lo30, hi30) == (1, 30), "{lo30}..{hi30}");
+        assert!((m30 - 15.5).abs() < 1.5, "{m30}");
+        assert!(m600 > 10.0 * m30, "{m600} vs {m30}");
+        assert!(mday > 4.0 * m600, "{mday} vs {m600}");
+        assert!(hiday <= MAX_BACKOFF_S && hiday > MAX_BACKOFF_S * 9 / 10);
+        assert!((m10d - mday).abs() < mday * 0.1, "capped: {m10d} vs {mday}");
     }
 
     #[test]
