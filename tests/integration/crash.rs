@@ -128,3 +128,48 @@ async fn sigkill_at_random_moments_loses_no_use() {
     let (status, log, _) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+/// The platform has a report, the agent is killed before it hears so: after
+/// the restart the row goes again with the same requestId, the platform
+/// answers 10054 and the row is done. One report, one duplicate, nothing
+/// lost: the path the kill loop above can only hope to hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_platform_received_a_report() {
+    let sim = sim().await;
+    set_faults(
+        &sim,
+        json!({"api": {"reportHISData": {"lost_answer_rate": 1.0}}}),
+    )
+    .await;
+    let mut d = Daemon::start(&sim).await;
+    let mut his = HisClient::unix(&d).await;
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    his.next_of(&["card"]).await;
+    until_sim(&sim, "the report received, its answer lost", |s| {
+        s["uniqueReports"] == 1
+    })
+    .await;
+    let dir = d.kill();
+    // Retries before the kill also got lost answers (10054s nobody heard).
+    let before = state(&sim).await["duplicates"].as_u64().unwrap();
+    set_faults(&sim, json!({})).await;
+    let d = Daemon::start_in(dir, &sim, Options::default()).await;
+    let st = until_sim(&sim, "the row resent and recognised", |s| {
+        s["duplicates"].as_u64().is_some_and(|n| n > before)
+    })
+    .await;
+    assert_eq!(st["uniqueReports"], 1, "{st}");
+    let store = ehc_agent::outbox::Store::open(&d.path().join("outbox.sqlite")).unwrap();
+    let mut tries = 0;
+    loop {
+        let c = store.counts().unwrap();
+        if c.sent == 1 {
+            assert_eq!((c.pending, c.held), (0, 0), "{c:?}");
+            break;
+        }
+        tries += 1;
+        assert!(tries < 200, "the row never became sent: {c:?}");
+        let mut changed = sim.subscribe();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), changed.changed()).await;
+    }
+}
