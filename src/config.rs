@@ -7,11 +7,14 @@
 //!
 //! 1. The text is parsed as TOML (a syntax error is the one problem that
 //!    stops everything: nothing after it can be trusted).
-//! 2. Each section (and each `[[scanner]]`) is deserialized on its own into
-//!    its `deny_unknown_fields` struct. An unknown key is recorded with its
-//!    path and removed, and the section is tried again, so every unknown key
-//!    is found; another error in a section (a wrong type) is recorded and the
-//!    section skipped. Then the semantic checks run on whatever parsed.
+//! 2. Each section (and each `[[scanner]]`) is deserialized on its own.
+//!    Every key serde does not use is recorded as unknown (`serde_ignored`);
+//!    an error is recorded at the exact key serde was in
+//!    (`serde_path_to_error`), that key is set aside and the section tried
+//!    again, so every wrong value is found, not just the first. Then the
+//!    semantic checks run on whatever parsed. (The section structs are
+//!    deserialized only through this, so unknown keys are never silently
+//!    accepted.)
 //!
 //! Problems carry the dotted key path (`scanner[1].baud`), so the operator can
 //! find them without reading code.
@@ -42,7 +45,6 @@ pub const SECRET_CREDENTIAL: &str = "app_secret";
 // ---------------------------------------------------------------- schema ----
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct PlatformSection {
     pub base_url: String,
     pub app_id: String,
@@ -72,7 +74,6 @@ fn default_upload_timeout_ms() -> u64 {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct TerminalSection {
     pub id: String,
     #[serde(default = "default_channel")]
@@ -119,7 +120,6 @@ pub enum Terminator {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct ScannerSection {
     pub name: String,
     pub kind: ScannerKind,
@@ -154,7 +154,6 @@ fn default_debounce_ms() -> u64 {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct HisSection {
     #[serde(default)]
     pub listen_unix: Option<PathBuf>,
@@ -219,7 +218,6 @@ pub enum DynamicOffline {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct OfflineSection {
     #[serde(default = "default_static_offline")]
     pub static_codes: StaticOffline,
@@ -244,7 +242,6 @@ fn default_dynamic_offline() -> DynamicOffline {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct OutboxSection {
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -284,7 +281,6 @@ fn default_true() -> bool {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct MetricsSection {
     pub listen: String,
 }
@@ -699,49 +695,52 @@ impl Validator {
         }
     }
 
-    /// Deserialize one table, removing and recording unknown keys until it
-    /// parses or fails for another reason.
+    /// Deserialize one table: unknown keys recorded, and every key with a
+    /// wrong value recorded at its path (each is set aside in turn and the
+    /// table tried again).
     fn table<T: DeserializeOwned>(&mut self, mut t: toml::Table, path: &str) -> Option<T> {
+        let mut unknown: Vec<String> = Vec::new();
         let mut blamed: Vec<String> = Vec::new();
         loop {
-            match T::deserialize(toml::Value::Table(t.clone())) {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    let msg = e.message().trim().to_owned();
-                    if let Some(key) = unknown_field(&msg) {
-                        if t.remove(&key).is_some() {
-                            self.problem(format!("{path}.{key}"), "unknown key".into());
-                            continue;
-                        }
-                    }
-                    if let Some(key) = missing_field(&msg) {
-                        if !blamed.contains(&key) {
-                            self.problem(format!("{path}.{key}"), "missing required key".into());
-                        }
-                        return None;
-                    }
-                    // serde names the wrong value but not its key: find the
-                    // key whose removal makes this error go away, report it
-                    // there, and go on looking for more.
-                    let culprit = t.keys().find(|k| {
-                        let mut without = t.clone();
-                        without.remove(*k);
-                        T::deserialize(toml::Value::Table(without))
-                            .map_or_else(|e| e.message().trim() != msg, |_| true)
-                    });
-                    match culprit.cloned() {
-                        Some(key) => {
-                            t.remove(&key);
-                            self.problem(format!("{path}.{key}"), msg);
-                            blamed.push(key);
-                        }
-                        None => {
-                            self.problem(path, msg);
-                            return None;
-                        }
-                    }
+            let mut ignored = Vec::new();
+            let value = toml::Value::Table(t.clone());
+            let result: Result<T, _> = serde_path_to_error::deserialize(
+                serde_ignored::Deserializer::new(value, &mut |p: serde_ignored::Path<'_>| {
+                    ignored.push(p.to_string())
+                }),
+            );
+            for k in ignored {
+                if !unknown.contains(&k) {
+                    self.problem(format!("{path}.{k}"), "unknown key".into());
+                    unknown.push(k);
                 }
             }
+            let e = match result {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            let at = e.path().to_string();
+            let msg = e.inner().message().trim().to_owned();
+            if let Some(field) = missing_field(&msg) {
+                // A required key that is absent (not one set aside for a
+                // wrong value: that was reported already).
+                if !blamed.contains(&field) {
+                    let key = if at == "." || at.is_empty() {
+                        field
+                    } else {
+                        format!("{at}.{field}")
+                    };
+                    self.problem(format!("{path}.{key}"), "missing required key".into());
+                }
+                return None;
+            }
+            let top = at.split(['.', '[']).next().unwrap_or_default().to_owned();
+            if top.is_empty() || top == "?" || t.remove(&top).is_none() {
+                self.problem(path, msg);
+                return None;
+            }
+            self.problem(format!("{path}.{at}"), msg);
+            blamed.push(top);
         }
     }
 
@@ -912,13 +911,6 @@ impl Validator {
             );
         }
     }
-}
-
-/// `unknown field `x`, expected ...` → `x`.
-fn unknown_field(msg: &str) -> Option<String> {
-    msg.strip_prefix("unknown field `")
-        .and_then(|r| r.split('`').next())
-        .map(str::to_owned)
 }
 
 /// `missing field `x`` → `x`.
