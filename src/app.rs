@@ -439,10 +439,7 @@ impl App {
                 let addr = l.local_addr().ok();
                 let stop = cancel.child_token();
                 serve_metrics(l, core.clone(), stop.clone(), &tracker);
-                (
-                    addr,
-                    cfg.metrics.map(|key| Part { key, stop }),
-                )
+                (addr, cfg.metrics.map(|key| Part { key, stop }))
             }
             None => (None, None),
         };
@@ -584,7 +581,9 @@ impl App {
         // HIS: settings every new connection reads, then the listeners.
         match his_settings(new) {
             Ok(his) => self.server.update(&hello(new), &his),
-            Err(e) => faults.push(format!("HIS token: {e}; TCP and WebSocket clients keep the previous token")),
+            Err(e) => faults.push(format!(
+                "HIS token: {e}; TCP and WebSocket clients keep the previous token"
+            )),
         }
         if new.his_unix != old.his_unix {
             let bound = match crate::his::server::socket_gid(new.his.socket_group.as_deref()) {
@@ -596,26 +595,50 @@ impl App {
             match bound {
                 Ok((l, gid)) => {
                     let stop = self.cancel.child_token();
-                    self.server.serve_unix(l, new.his_unix.clone(), gid, stop.clone());
-                    if let Some(p) = self.running.unix.replace(Part { key: new.his_unix.clone(), stop }) {
+                    self.server
+                        .serve_unix(l, new.his_unix.clone(), gid, stop.clone());
+                    if let Some(p) = self.running.unix.replace(Part {
+                        key: new.his_unix.clone(),
+                        stop,
+                    }) {
                         p.stop.cancel();
                     }
                     self.his_unix = Some(new.his_unix.clone());
                     tracing::info!(path = %new.his_unix.display(), "HIS socket moved");
                 }
-                Err(e) => faults.push(format!("his.listen_unix {}: {e}; still serving on {}", new.his_unix.display(), old.his_unix.display())),
+                Err(e) => faults.push(format!(
+                    "his.listen_unix {}: {e}; still serving on {}",
+                    new.his_unix.display(),
+                    old.his_unix.display()
+                )),
             }
             let control_path = crate::control::path_for(&new.his_unix);
             if control_path != self.running.control.key {
                 match crate::control::bind(&control_path).await {
                     Ok(l) => {
                         let stop = self.cancel.child_token();
-                        crate::control::serve(l, control_path.clone(), self.core.clone(), stop.clone(), &self.tracker);
-                        let old = std::mem::replace(&mut self.running.control, Part { key: control_path.clone(), stop });
+                        crate::control::serve(
+                            l,
+                            control_path.clone(),
+                            self.core.clone(),
+                            stop.clone(),
+                            &self.tracker,
+                        );
+                        let old = std::mem::replace(
+                            &mut self.running.control,
+                            Part {
+                                key: control_path.clone(),
+                                stop,
+                            },
+                        );
                         old.stop.cancel();
                         self.control = control_path;
                     }
-                    Err(e) => faults.push(format!("control socket {}: {e}; still at {}", control_path.display(), self.running.control.key.display())),
+                    Err(e) => faults.push(format!(
+                        "control socket {}: {e}; still at {}",
+                        control_path.display(),
+                        self.running.control.key.display()
+                    )),
                 }
             }
         }
@@ -644,7 +667,9 @@ impl App {
                             p.stop.cancel();
                         }
                     }
-                    Err(e) => faults.push(format!("metrics.listen {addr}: {e}; metrics stay where they were")),
+                    Err(e) => faults.push(format!(
+                        "metrics.listen {addr}: {e}; metrics stay where they were"
+                    )),
                 },
             }
         }

@@ -136,11 +136,17 @@ impl Pipeline {
     }
 
     fn settings(&self) -> std::sync::Arc<PipelineSettings> {
-        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn client(&self) -> Client {
-        self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A reload: new settings and client for scans from now on. The scan
@@ -319,7 +325,7 @@ impl Pipeline {
         if !recorded {
             self.count(|s| s.unrecorded += 1);
         }
-        let waiting_default = s.use_wait_s > 0 && !(dynamic && !s.report_dynamic);
+        let waiting_default = s.use_wait_s > 0 && (!dynamic || s.report_dynamic);
         self.remember(&scan_id, text, dynamic, scan.at, waiting_default);
         self.count(|s| s.cards += 1);
         Out::Card {
@@ -464,7 +470,11 @@ impl Pipeline {
             None,
         );
         if nth == 1 && r.waiting_default {
-            match self.outbox.record_replacing(scan_id.to_owned(), vec![row]).await {
+            match self
+                .outbox
+                .record_replacing(scan_id.to_owned(), vec![row])
+                .await
+            {
                 Replaced::Committed(1) => {
                     tracing::info!(scan_id, scene = %scene, "use from HIS replaced the waiting default use")
                 }

@@ -135,7 +135,10 @@ impl Hub {
                 if st.held.len() >= MAX_HELD {
                     st.held.pop_front();
                     st.held_dropped += 1;
-                    tracing::warn!(max = MAX_HELD, "too many events held for HIS; the oldest was dropped");
+                    tracing::warn!(
+                        max = MAX_HELD,
+                        "too many events held for HIS; the oldest was dropped"
+                    );
                 }
                 let until = now + st.hold;
                 st.held.push_back((line, until));
@@ -294,7 +297,10 @@ mod tests {
         assert_eq!(&*held[0].0, "card");
         assert_eq!(hub.held_count(), 0);
         let second = hub.join("second".into());
-        assert!(hub.identify(second.id).is_empty(), "handed to the first only");
+        assert!(
+            hub.identify(second.id).is_empty(),
+            "handed to the first only"
+        );
     }
 
     /// Regression: 300 held events, the first client got 256 and the log

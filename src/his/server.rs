@@ -71,7 +71,10 @@ impl HisToken {
     pub fn matches(&self, presented: &str) -> bool {
         use sha2::Digest as _;
         let d: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
-        d.iter().zip(self.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        d.iter()
+            .zip(self.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 }
 
@@ -266,7 +269,9 @@ impl Slots {
         use std::sync::atomic::Ordering;
         let taken = self
             .active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
         if taken.is_ok() {
             return Some(Slot(self.active.clone()));
         }
@@ -375,15 +380,18 @@ impl<H: Handler> Server<H> {
 
     /// New greeting, token, origins and bound for connections from now on.
     pub fn update(&self, hello: &Out, settings: &HisSettings) {
-        *self
-            .ctx
-            .shared
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(Shared::new(hello, settings));
+        *self.ctx.shared.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Shared::new(hello, settings));
     }
 
     /// Serve the Unix socket until `stop`; its file is removed then.
-    pub fn serve_unix(&self, l: UnixListener, path: PathBuf, gid: Option<u32>, stop: CancellationToken) {
+    pub fn serve_unix(
+        &self,
+        l: UnixListener,
+        path: PathBuf,
+        gid: Option<u32>,
+        stop: CancellationToken,
+    ) {
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
             accept_unix(l, gid, Slots::new("unix"), ctx, stop).await;
@@ -417,7 +425,10 @@ struct Ctx<H> {
 
 impl<H> Ctx<H> {
     fn shared(&self) -> Arc<Shared> {
-        self.shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -660,11 +660,17 @@ mod tests {
         std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
         for path in [&p, &old] {
             let mut s = Store::open(path).unwrap();
-            s.insert(&[row(&format!("R{}", path.display()), "S", 1)]).unwrap();
+            s.insert(&[row(&format!("R{}", path.display()), "S", 1)])
+                .unwrap();
             for suffix in ["", "-wal", "-shm"] {
                 let f = format!("{}{suffix}", path.display());
                 if let Ok(m) = std::fs::metadata(&f) {
-                    assert_eq!(m.permissions().mode() & 0o077, 0, "{f} is {:o}", m.permissions().mode());
+                    assert_eq!(
+                        m.permissions().mode() & 0o077,
+                        0,
+                        "{f} is {:o}",
+                        m.permissions().mode()
+                    );
                 }
             }
         }
@@ -773,7 +779,11 @@ mod tests {
         assert_eq!(s.replace_waiting("S1", &[row("U1", "S1", 20)]).unwrap(), 1);
         assert_eq!(s.replace_waiting("S1", &[row("U2", "S1", 21)]).unwrap(), 0);
         let c = s.counts().unwrap();
-        assert_eq!((c.waiting, c.pending), (0, 1), "nothing waits: U2 adds nothing");
+        assert_eq!(
+            (c.waiting, c.pending),
+            (0, 1),
+            "nothing waits: U2 adds nothing"
+        );
     }
 
     /// Regression (reported twice): a waiting row claimed for upload at its

@@ -364,10 +364,16 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let mean = |age: i64, rng: &mut rand::rngs::StdRng| {
             let draws: Vec<i64> = (0..4000).map(|_| backoff(age, rng)).collect();
-            assert!(draws.iter().all(|b| (1..=age.clamp(1, MAX_BACKOFF_S)).contains(b)));
+            assert!(draws
+                .iter()
+                .all(|b| (1..=age.clamp(1, MAX_BACKOFF_S)).contains(b)));
             // Full jitter: the whole range is used, not one value.
             let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
-            (draws.iter().sum::<i64>() as f64 / draws.len() as f64, *lo, *hi)
+            (
+                draws.iter().sum::<i64>() as f64 / draws.len() as f64,
+                *lo,
+                *hi,
+            )
         };
         assert_eq!(backoff(0, &mut rng), 1);
         let (m30, lo30, hi30) = mean(30, &mut rng);

@@ -300,11 +300,7 @@ pub fn parse_response<A: Api>(body: &[u8]) -> Result<Answer<A::Rsp>, ResponseErr
 /// typed identity field would otherwise put a patient's name or ID number
 /// into a WARN line.
 pub fn without_values(msg: &str) -> String {
-    let head = msg
-        .split([':', '`', '"', ','])
-        .next()
-        .unwrap_or(msg)
-        .trim();
+    let head = msg.split([':', '`', '"', ',']).next().unwrap_or(msg).trim();
     match msg.split_once(", expected ") {
         Some((_, expected)) => {
             // What serde expected is a type or a list of field names: never
@@ -328,8 +324,13 @@ mod tests {
     #[test]
     fn shape_errors_never_quote_values() {
         let body = r#"{"commonOut":{"resultCode":0},"rsp":{"card":{"name":["张三"],"idNumber":43010119900101123}}}"#.as_bytes();
-        let e = parse_response::<GetHealthCardByQrCode>(body).unwrap_err().to_string();
-        assert!(!e.contains("张三") && !e.contains("43010119900101123"), "{e}");
+        let e = parse_response::<GetHealthCardByQrCode>(body)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("张三") && !e.contains("43010119900101123"),
+            "{e}"
+        );
         assert!(e.contains("expected"), "{e}");
         assert_eq!(
             without_values("invalid type: string \"张三\", expected a string at line 1 column 5"),

@@ -387,7 +387,11 @@ impl Client {
     /// The wait before another refresh caused by a rejection: 2 s, doubling
     /// with each rejected refresh in a row, at most 5 minutes.
     fn rejected_refresh_wait(&self) -> i64 {
-        let streak = self.inner.rejected_streak.load(Ordering::Relaxed).clamp(0, 16);
+        let streak = self
+            .inner
+            .rejected_streak
+            .load(Ordering::Relaxed)
+            .clamp(0, 16);
         (MIN_REFRESH_INTERVAL << streak).min(MAX_REFRESH_BACKOFF_S)
     }
 
@@ -429,10 +433,10 @@ impl Client {
         let rsp = self
             .send::<GetAppToken>(&req, &new_request_id(), "", timeout)
             .await?;
-        let (tok, saved) = self
-            .inner
-            .tokens
-            .install(rsp.app_token, rsp.expires_in, clock::now_unix());
+        let (tok, saved) =
+            self.inner
+                .tokens
+                .install(rsp.app_token, rsp.expires_in, clock::now_unix());
         if let Err(e) = saved {
             tracing::error!(error = %e, "the new app token could not be saved (it is in use from memory; a restart will fetch another)");
         }

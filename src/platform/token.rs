@@ -259,6 +259,10 @@ mod tests {
             .unwrap();
         let (t, saved) = s.install("T1".into(), 7200, 1000);
         assert!(saved.is_err(), "the save was refused");
-        assert_eq!(s.current(), Some(t), "and the token is current all the same");
+        assert_eq!(
+            s.current(),
+            Some(t),
+            "and the token is current all the same"
+        );
     }
 }

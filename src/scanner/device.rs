@@ -91,7 +91,10 @@ impl ScannerStates {
 
     /// Forget a scanner a reload removed.
     pub fn unregister(&self, name: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
     }
 
     /// Record a state; logs only real changes.

@@ -73,7 +73,9 @@ async fn redirects_are_never_followed() {
     let target = sim.base_url();
     let redirector = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             let target = target.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
@@ -90,10 +92,16 @@ async fn redirects_are_never_followed() {
         .call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
         .await
         .unwrap_err();
-    assert!(matches!(e, CallError::Redirect { status: 307, .. }), "{e:?}");
+    assert!(
+        matches!(e, CallError::Redirect { status: 307, .. }),
+        "{e:?}"
+    );
     assert_eq!(e.class(), Class::Configuration);
     let shown = e.to_string();
-    assert!(shown.contains(&sim.base_url()) && !shown.contains("token=x"), "{shown}");
+    assert!(
+        shown.contains(&sim.base_url()) && !shown.contains("token=x"),
+        "{shown}"
+    );
     assert_eq!(
         state(&sim).await["calls"],
         json!({}),
@@ -203,7 +211,10 @@ async fn token_rejected_again_right_after_refresh_is_not_a_loop() {
         .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
         .await
         .unwrap_err();
-    assert!(matches!(e, CallError::TokenChurn { code: 21004, .. }), "{e:?}");
+    assert!(
+        matches!(e, CallError::TokenChurn { code: 21004, .. }),
+        "{e:?}"
+    );
     assert_eq!(
         calls(&sim, "getAppToken", "0").await,
         2,

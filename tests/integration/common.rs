@@ -212,4 +212,15 @@ pub fn skip(test: &str, reason: &str, needed_in_ci: bool) {
         panic!("{test} cannot run: {reason}; under CI this is a failure (.ci/run installs what it needs)");
     }
     eprintln!("SKIPPED {test}: {reason}");
+    // The harness hides a passing test's output: the skip is also written
+    // where `.ci/run` (or anyone) can count it after the run.
+    let list = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped-tests.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(list)
+    {
+        use std::io::Write as _;
+        let _ = writeln!(f, "SKIPPED {test}: {reason}");
+    }
 }

@@ -170,6 +170,7 @@ async fn killed_after_the_platform_received_a_report() {
         tries += 1;
         assert!(tries < 200, "the row never became sent: {c:?}");
         let mut changed = sim.subscribe();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), changed.changed()).await;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_millis(100), changed.changed()).await;
     }
 }

@@ -337,7 +337,10 @@ impl HisClient {
         c.send(&serde_json::json!({"type": "auth", "token": d.his_token(), "ref": "auth"}))
             .await;
         let r = c.next().await.expect("auth reply");
-        assert_eq!(r, serde_json::json!({"type": "reply", "ref": "auth", "ok": true}));
+        assert_eq!(
+            r,
+            serde_json::json!({"type": "reply", "ref": "auth", "ok": true})
+        );
         c
     }
 
@@ -349,9 +352,7 @@ impl HisClient {
     }
 
     /// A Unix client whose write half can be shut down.
-    pub async fn unix_parts(
-        d: &Daemon,
-    ) -> (HisClient, tokio::net::unix::OwnedWriteHalf) {
+    pub async fn unix_parts(d: &Daemon) -> (HisClient, tokio::net::unix::OwnedWriteHalf) {
         let s = tokio::net::UnixStream::connect(&d.sock).await.unwrap();
         let (r, w) = s.into_split();
         let c = Self::from_parts(Box::new(r), Box::new(tokio::io::sink())).await;

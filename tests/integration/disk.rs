@@ -47,7 +47,11 @@ fn can_mount() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_then_space_returns() {
     if !can_mount() {
-        crate::common::skip("full_disk_then_space_returns", "cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)", false);
+        crate::common::skip(
+            "full_disk_then_space_returns",
+            "cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)",
+            false,
+        );
         return;
     }
     let sim = sim().await;
@@ -99,7 +103,11 @@ async fn read_only_state_directory_then_writable() {
     // the agent starts, as after a boot with a read-only /var: the agent
     // starts degraded, serves scans, and opens the outbox once it can.
     if !can_mount() {
-        crate::common::skip("read_only_state_directory_then_writable", "cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)", false);
+        crate::common::skip(
+            "read_only_state_directory_then_writable",
+            "cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)",
+            false,
+        );
         return;
     }
     let sim = sim().await;

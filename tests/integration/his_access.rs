@@ -55,17 +55,17 @@ async fn tcp_clients_must_authenticate_before_anything() {
         .send(&json!({"type": "auth", "token": "0000"}))
         .await;
     let e = guesser.next().await.unwrap();
-    assert!(e["message"].as_str().unwrap().contains("wrong HIS token"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("wrong HIS token"),
+        "{e}"
+    );
     assert_eq!(guesser.next().await, None);
 
     // The platform never saw a bind.
     good.send(&json!({"type": "ping", "ref": 1})).await;
     assert_eq!(good.next_of(&["reply"]).await["ok"], true);
     let st = state(&sim).await;
-    assert!(
-        st["binds"].as_array().is_none_or(|b| b.is_empty()),
-        "{st}"
-    );
+    assert!(st["binds"].as_array().is_none_or(|b| b.is_empty()), "{st}");
     d.wait_log("HIS client refused: no valid auth", 3);
 }
 
@@ -76,7 +76,8 @@ async fn the_published_token_is_not_readable_by_others() {
     let sim = sim().await;
     let d = Daemon::start(&sim).await;
     let p = d.path().join("his.token");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o640, "his.token mode {mode:o}");
     let kept = d.path().join("his-token");
     let mode =
@@ -97,7 +98,9 @@ async fn websocket_clients_need_the_token_too() {
     let mut bare = ws_connect(&d, None).await.unwrap();
     let hello = bare.next().await.unwrap().unwrap();
     assert!(hello.to_text().unwrap().contains("\"auth\":\"token\""));
-    bare.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+    bare.send(Message::text(r#"{"type":"ping"}"#))
+        .await
+        .unwrap();
     let e = bare.next().await.unwrap().unwrap();
     assert!(e.to_text().unwrap().contains("authenticate first"), "{e}");
 
@@ -126,9 +129,13 @@ async fn websocket_clients_need_the_token_too() {
     }
     // A foreign Origin with the right token: still 403.
     assert_eq!(
-        ws_connect_to(&d, Some("https://evil.example.com"), &format!("/?token={token}"))
-            .await
-            .unwrap_err(),
+        ws_connect_to(
+            &d,
+            Some("https://evil.example.com"),
+            &format!("/?token={token}")
+        )
+        .await
+        .unwrap_err(),
         403
     );
 }
@@ -234,7 +241,10 @@ async fn an_evicted_client_is_disconnected() {
         assert_eq!(m["type"], "otherCode");
         n += 1;
     }
-    assert!(n > 0, "it got what was written before the eviction, then EOF");
+    assert!(
+        n > 0,
+        "it got what was written before the eviction, then EOF"
+    );
 }
 
 /// At most MAX_USES_PER_SCAN `use`s per scan; each answered. Before: any
@@ -256,7 +266,10 @@ async fn uses_per_scan_are_bounded() {
             assert_eq!(r["type"], "reply", "{r}");
         } else {
             assert_eq!(r["type"], "error", "{r}");
-            assert!(r["message"].as_str().unwrap().contains("already has"), "{r}");
+            assert!(
+                r["message"].as_str().unwrap().contains("already has"),
+                "{r}"
+            );
         }
     }
     // The default use and `max` uses from HIS: no more.

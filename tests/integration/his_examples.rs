@@ -95,8 +95,15 @@ async fn python_example_client_over_tcp_authenticates() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("\"ref\": \"auth\", \"ok\": true"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("\"ref\": \"auth\", \"ok\": true"),
+        "{stdout}"
+    );
     assert_eq!(stdout.matches("\"type\": \"card\"").count(), 1, "{stdout}");
 }
 
@@ -105,7 +112,11 @@ async fn python_example_client_over_tcp_authenticates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client_reconnects() {
     let Some(python) = find(&["python3"]) else {
-        crate::common::skip("python_example_client_reconnects", "python3 not installed", true);
+        crate::common::skip(
+            "python_example_client_reconnects",
+            "python3 not installed",
+            true,
+        );
         return;
     };
     let sim = sim().await;
@@ -121,7 +132,9 @@ async fn python_example_client_reconnects() {
         .unwrap();
     d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
     until_sim(&sim, "the first card's use", |s| {
-        s["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
     })
     .await;
     let dir = d.stop().2;
@@ -140,7 +153,11 @@ async fn python_example_client_reconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_example_client() {
     if find(&["socat"]).is_none() {
-        crate::common::skip("shell_example_client", "socat not installed (.ci/run installs it; or apt-get install socat)", true);
+        crate::common::skip(
+            "shell_example_client",
+            "socat not installed (.ci/run installs it; or apt-get install socat)",
+            true,
+        );
         return;
     }
     let sim = sim().await;
@@ -185,7 +202,11 @@ async fn shell_example_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_example_page() {
     let Some(chromium) = find(&["chromium", "chromium-browser", "google-chrome"]) else {
-        crate::common::skip("browser_example_page", "no Chromium (.ci/run installs it; or apt-get install chromium)", true);
+        crate::common::skip(
+            "browser_example_page",
+            "no Chromium (.ci/run installs it; or apt-get install chromium)",
+            true,
+        );
         return;
     };
     // Serve the page over HTTP, as an HIS web server would.

@@ -379,7 +379,11 @@ async fn use_wait_deadline_holds_and_each_card_is_reported_once() {
         .unwrap();
     rig.offset.store(19, Ordering::SeqCst);
     rig.outbox.settle().await;
-    assert_eq!(state(&rig.sim).await["uniqueReports"], 0, "nothing before the deadline");
+    assert_eq!(
+        state(&rig.sim).await["uniqueReports"],
+        0,
+        "nothing before the deadline"
+    );
     // HIS's use for A within the wait replaces A's default.
     let mut his_use = rig.row(rig.now());
     his_use.scan_id = "A".into();
@@ -401,5 +405,9 @@ async fn use_wait_deadline_holds_and_each_card_is_reported_once() {
     rig.drained().await;
     let c = rig.outbox.counts().await.unwrap();
     assert_eq!((c.sent, c.pending, c.waiting), (2, 0, 0), "{c:?}");
-    assert_eq!(state(&rig.sim).await["uniqueReports"], 2, "one report per card");
+    assert_eq!(
+        state(&rig.sim).await["uniqueReports"],
+        2,
+        "one report per card"
+    );
 }

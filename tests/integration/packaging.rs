@@ -49,7 +49,11 @@ fn unit_verifies_clean() {
     if !have("systemd-analyze")
         || !std::path::Path::new("/usr/lib/systemd/system/sysinit.target").exists()
     {
-        crate::common::skip("unit_verifies_clean", "no systemd-analyze or no systemd units to verify against", true);
+        crate::common::skip(
+            "unit_verifies_clean",
+            "no systemd-analyze or no systemd units to verify against",
+            true,
+        );
         return;
     }
     // A scratch root with the system's units, the binary and the unit.
@@ -109,7 +113,11 @@ fn unit_has_what_the_service_needs() {
 #[test]
 fn sysusers_creates_the_user_and_the_his_group() {
     if !have("systemd-sysusers") {
-        crate::common::skip("sysusers_creates_the_user_and_the_his_group", "no systemd-sysusers", true);
+        crate::common::skip(
+            "sysusers_creates_the_user_and_the_his_group",
+            "no systemd-sysusers",
+            true,
+        );
         return;
     }
     let r = tempfile::tempdir().unwrap();

@@ -44,7 +44,10 @@ async fn a_reload_keeps_his_connected_and_the_scan_memory() {
     his.send(&json!({"type": "use", "scanId": card["scanId"], "scene": "010105", "ref": "u"}))
         .await;
     let r = his.next_of(&["reply", "error"]).await;
-    assert_eq!(r["type"], "reply", "the scan is remembered across the reload: {r}");
+    assert_eq!(
+        r["type"], "reply",
+        "the scan is remembered across the reload: {r}"
+    );
     d.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
     assert_eq!(his.next_of(&["card"]).await["verified"], true);
     assert_eq!(tcp.next_of(&["card"]).await["verified"], true);
@@ -165,10 +168,7 @@ async fn a_bind_that_fails_keeps_serving_and_says_so() {
     d.signal("HUP");
     d.wait_log("HIS listener moved", 1);
     let st = status(&d);
-    assert!(
-        !st["attention"].to_string().contains("reload:"),
-        "{st}"
-    );
+    assert!(!st["attention"].to_string().contains("reload:"), "{st}");
     let s = tokio::net::TcpStream::connect(taken).await.unwrap();
     drop(s);
     let (code, log, _) = d.stop();

@@ -538,7 +538,11 @@ async fn refuse_outage_closes_the_port_for_its_window() {
 async fn control_endpoint_refuses_non_loopback_peers() {
     // Needs an address of this machine that is not loopback.
     let Some(ip) = local_non_loopback_ip() else {
-        crate::common::skip("control_endpoint_refuses_non_loopback_peers", "this machine has no non-loopback address", false);
+        crate::common::skip(
+            "control_endpoint_refuses_non_loopback_peers",
+            "this machine has no non-loopback address",
+            false,
+        );
         return;
     };
     let sim = ehc_agent::sim::SimServer::start(Default::default(), "0.0.0.0:0".parse().unwrap())
