@@ -603,6 +603,33 @@ fn transport_error(e: &reqwest::Error) -> CallError {
 mod tests {
     use super::*;
 
+    /// Regression: with a token that kept being revoked, the agent refreshed
+    /// every 2 s and burnt the daily getAppToken budget.
+    #[test]
+    fn rejected_refreshes_back_off_exponentially() {
+        let c = Client::new(ClientSettings {
+            base_url: "http://127.0.0.1:9".into(),
+            app_id: "a".into(),
+            hospital_id: "h".into(),
+            secret: Secret::new("s"),
+            scan_timeout: Duration::from_secs(1),
+            upload_timeout: Duration::from_secs(1),
+            proxy: None,
+            ca_file: None,
+            state_path: None,
+        })
+        .unwrap();
+        let waits: Vec<i64> = (0..12)
+            .map(|n| {
+                c.inner.rejected_streak.store(n, Ordering::Relaxed);
+                c.rejected_refresh_wait()
+            })
+            .collect();
+        assert_eq!(&waits[..5], &[2, 4, 8, 16, 32]);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*waits.last().unwrap(), MAX_REFRESH_BACKOFF_S);
+    }
+
     #[test]
     fn request_ids() {
         let a = new_request_id();

@@ -1,11 +1,13 @@
 //! Everything about talking to the health card open platform: signing
 //! ([`sign`]), the typed API ([`api`]), result codes and their classes
 //! ([`error`]), the code tables ([`tables`]), the app token ([`token`]) and
-//! the HTTP client ([`client`]).
+//! the HTTP client ([`client`]); and the server side shared by the simulator
+//! and the gateway ([`serve`]).
 
 pub mod api;
 pub mod client;
 pub mod error;
+pub mod serve;
 pub mod sign;
 pub mod tables;
 pub mod token;

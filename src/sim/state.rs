@@ -35,64 +35,13 @@ use crate::platform::api::{
     Api, BindCardRelation, GetAppToken, GetHealthCardByQrCode, ReportHisData, ReportReq,
     VerifyQrCode,
 };
-use crate::platform::{error, sign, tables};
+use crate::platform::{error, tables};
 
-/// The platform's answer to one request, before faults that change the wire.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub code: i64,
-    pub msg: String,
-    pub request_id: String,
-    pub rsp: Option<Value>,
-}
+pub use crate::platform::serve::Answer;
+use crate::platform::serve::{self, TokenTable};
 
-impl Answer {
-    fn err(code: i64, request_id: &str) -> Self {
-        Answer {
-            code,
-            msg: error::describe(code).unwrap_or("错误").to_owned(),
-            request_id: request_id.to_owned(),
-            rsp: None,
-        }
-    }
-
-    fn err_msg(code: i64, request_id: &str, detail: &str) -> Self {
-        let base = error::describe(code).unwrap_or("错误");
-        Answer {
-            code,
-            msg: format!("{base}: {detail}"),
-            request_id: request_id.to_owned(),
-            rsp: None,
-        }
-    }
-
-    fn ok(request_id: &str, rsp: Value) -> Self {
-        Answer {
-            code: 0,
-            msg: "成功".into(),
-            request_id: request_id.to_owned(),
-            rsp: Some(rsp),
-        }
-    }
-
-    /// The JSON body of the answer.
-    pub fn to_json(&self) -> Value {
-        let mut top = Map::new();
-        top.insert(
-            "commonOut".into(),
-            json!({"requestId": self.request_id, "resultCode": self.code, "errMsg": self.msg}),
-        );
-        top.insert("rsp".into(), self.rsp.clone().unwrap_or(Value::Null));
-        Value::Object(top)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct TokenRec {
-    hospital_id: String,
-    expires_at: i64,
-    revoked: bool,
-}
+/// The simulator's one token holder: its appId.
+const HOLDER: &str = "app";
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -138,8 +87,7 @@ pub struct SimState {
     pub clock_offset: i64,
     card_ids: Vec<String>,
     patids: Vec<String>,
-    tokens: HashMap<String, TokenRec>,
-    tokens_issued: u64,
+    tokens: TokenTable,
     answered: HashSet<String>,
     pub duplicates: u64,
     pub reports: Vec<ReportRec>,
@@ -187,8 +135,7 @@ impl SimState {
             clock_offset: 0,
             card_ids,
             patids,
-            tokens: HashMap::new(),
-            tokens_issued: 0,
+            tokens: TokenTable::default(),
             answered: HashSet::new(),
             duplicates: 0,
             reports: Vec::new(),
@@ -242,21 +189,15 @@ impl SimState {
 
     /// The current (newest, unrevoked) token and its expiry.
     pub fn current_token(&self) -> Option<(String, i64)> {
-        self.tokens
-            .iter()
-            .filter(|(_, t)| !t.revoked)
-            .max_by_key(|(_, t)| t.expires_at)
-            .map(|(k, t)| (k.clone(), t.expires_at))
+        self.tokens.current()
     }
 
     pub fn tokens_issued(&self) -> u64 {
-        self.tokens_issued
+        self.tokens.issued()
     }
 
     pub fn revoke_all(&mut self) {
-        for t in self.tokens.values_mut() {
-            t.revoked = true;
-        }
+        self.tokens.revoke_all();
     }
 
     /// Forget received records and counters (not cards, tokens or faults).
@@ -303,93 +244,29 @@ impl SimState {
     }
 
     fn answer_inner(&mut self, api: &str, body: &[u8], real_now: i64) -> Answer {
-        if body.len() > self.cfg.max_body {
-            return Answer::err(20004, "");
-        }
-        let Ok(Value::Object(mut top)) = serde_json::from_slice::<Value>(body) else {
-            return Answer::err_msg(20001, "", "body is not a JSON object (UTF-8)");
-        };
-        let common = match top.remove("commonIn") {
-            None | Some(Value::Null) => return Answer::err(10003, ""),
-            Some(Value::Object(m)) => m,
-            Some(_) => return Answer::err_msg(20001, "", "commonIn is not an object"),
-        };
-        let rid = match common.get("requestId") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Answer::err_msg(20001, "", "commonIn.requestId missing or not a string"),
-        };
-        if rid.len() > 512 {
-            return Answer::err(10037, "");
-        }
-        if !rid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Answer::err_msg(
-                20001,
-                "",
-                "commonIn.requestId has characters outside [A-Za-z0-9-]",
-            );
-        }
-        let req = match top.remove("req") {
-            None | Some(Value::Null) => return Answer::err(10002, &rid),
-            Some(Value::Object(m)) => m,
-            Some(_) => return Answer::err_msg(20001, &rid, "req is not an object"),
-        };
-        for k in ["appToken", "hospitalId", "timestamp", "sign"] {
-            match common.get(k) {
-                Some(Value::String(_)) | None => {}
-                Some(_) => {
-                    return Answer::err_msg(20001, &rid, &format!("commonIn.{k} is not a string"))
-                }
-            }
-        }
-        let s = |k: &str| common.get(k).and_then(Value::as_str).unwrap_or_default();
-        let ts = match s("timestamp").parse::<i64>() {
-            Ok(t) if !s("timestamp").is_empty() => t,
-            _ => {
-                return Answer::err_msg(
-                    20001,
-                    &rid,
-                    "commonIn.timestamp must be Unix seconds as a string",
-                )
-            }
-        };
-        if (ts - real_now).unsigned_abs() > self.cfg.max_skew_s {
-            return Answer::err_msg(
-                20002,
-                &rid,
-                "commonIn.timestamp too far from the platform's clock",
-            );
-        }
-        let hospital = s("hospitalId").to_owned();
-        let given_sign = s("sign").to_owned();
+        let env =
+            match serve::parse_envelope(body, self.cfg.max_body, real_now, self.cfg.max_skew_s) {
+                Ok(e) => e,
+                Err(a) => return a,
+            };
         let sim_now = self.sim_now(real_now);
-
+        let rid = env.request_id.clone();
+        let hospital = env.hospital_id.clone();
+        let req = env.req.clone();
         if api == GetAppToken::NAME {
-            match req.get("appId").and_then(Value::as_str) {
-                None | Some("") => return Answer::err_msg(10042, &rid, "req.appId"),
-                Some(a) if a != self.cfg.app_id => return Answer::err(21002, &rid),
-                Some(_) => {}
+            match env.app_id() {
+                Err(a) => return a,
+                Ok(a) if a != self.cfg.app_id => return Answer::err(21002, &rid),
+                Ok(_) => {}
             }
             if !self.cfg.hospital_ids.contains(&hospital) {
                 return Answer::err(21005, &rid);
             }
-            if !sign::verify(&common, Some(&req), &self.cfg.app_secret, &given_sign) {
-                return Answer::err(21006, &rid);
-            }
-        } else {
-            let token = s("appToken");
-            if token.is_empty() {
-                return Answer::err(21001, &rid);
-            }
-            match self.tokens.get(token) {
-                None => return Answer::err(21004, &rid),
-                Some(t) if t.revoked => return Answer::err(21004, &rid),
-                Some(t) if sim_now >= t.expires_at => return Answer::err(21003, &rid),
-                Some(t) if t.hospital_id != hospital => return Answer::err(21004, &rid),
-                Some(_) => {}
-            }
-            if !sign::verify(&common, Some(&req), &self.cfg.app_secret, &given_sign) {
-                return Answer::err(21006, &rid);
-            }
+        } else if let Err(a) = self.tokens.check(&env, sim_now) {
+            return a;
+        }
+        if let Err(a) = env.verify(&self.cfg.app_secret) {
+            return a;
         }
         if self.answered.contains(&rid) {
             self.duplicates += 1;
@@ -419,18 +296,13 @@ impl SimState {
 
     fn get_app_token(&mut self, rid: &str, hospital: &str, sim_now: i64) -> Answer {
         // A new token revokes every earlier one (reference 3.2.1).
-        self.revoke_all();
-        let tok: [u8; 16] = self.rng.random();
-        let tok = hex_upper(&tok);
-        self.tokens.insert(
+        let tok = serve::new_token(&mut self.rng);
+        self.tokens.issue(
             tok.clone(),
-            TokenRec {
-                hospital_id: hospital.to_owned(),
-                expires_at: sim_now + self.cfg.token_ttl_s as i64,
-                revoked: false,
-            },
+            HOLDER,
+            hospital,
+            sim_now + self.cfg.token_ttl_s as i64,
         );
-        self.tokens_issued += 1;
         Answer::ok(
             rid,
             json!({"appToken": tok, "expiresIn": self.cfg.token_ttl_s}),
@@ -667,7 +539,7 @@ mod tests {
         common.insert("requestId".into(), rid.into());
         common.insert("hospitalId".into(), "10086".into());
         common.insert("timestamp".into(), NOW.to_string().into());
-        let s = sign::sign(&common, Some(&req), &st.config().app_secret);
+        let s = crate::platform::sign::sign(&common, Some(&req), &st.config().app_secret);
         common.insert("sign".into(), s.into());
         serde_json::to_vec(&json!({"commonIn": common, "req": req})).unwrap()
     }
