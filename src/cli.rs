@@ -38,6 +38,8 @@ pub enum Command {
     Sign(SignArgs),
     /// Run the platform simulator (for HIS vendors, tests and outage rehearsals).
     Sim(SimArgs),
+    /// The hospital gateway: one platform account and token for every terminal (docs/gateway.md).
+    Gateway(GatewayArgs),
     /// Inspect and operate the outbox (every use until the platform has it).
     Outbox(OutboxArgs),
     /// Ask the running agent how it is: exit 0 all well, 1 something needs attention, 3 not running.
@@ -164,4 +166,48 @@ pub enum SimAction {
         #[arg(long, default_value = "127.0.0.1:8900")]
         at: SocketAddr,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Gateway configuration (default: /etc/ehc-agent/gateway.toml).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub action: GatewayAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayAction {
+    /// Serve terminals until SIGTERM.
+    Run,
+    /// Enrol, list and revoke terminals.
+    Terminal {
+        #[command(subcommand)]
+        action: TerminalAction,
+    },
+    /// The upstream token, today's calls per interface, the terminals.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TerminalAction {
+    /// Enrol a terminal and print the lines for its agent.toml.
+    Add {
+        /// A name for the window or kiosk (letters, digits, - _ .).
+        name: String,
+        /// Write the terminal's secret to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+    },
+    /// List enrolled terminals.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a terminal: its token stops working now, its appId gets 21002.
+    Revoke { name: String },
 }

@@ -46,7 +46,14 @@ pub const SECRET_CREDENTIAL: &str = "app_secret";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PlatformSection {
+    /// The platform, or the hospital's gateway.
+    #[serde(default)]
     pub base_url: String,
+    /// Instead of `base_url`: several gateways, tried in this order when one
+    /// cannot be reached. After validation `base_url` is the first and this
+    /// holds the rest.
+    #[serde(default)]
+    pub base_urls: Vec<String>,
     pub app_id: String,
     #[serde(default)]
     pub app_secret_file: Option<PathBuf>,
@@ -477,8 +484,25 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
     };
 
     let mut secret = None;
-    if let Some(p) = &platform {
-        v.check_base_url(&p.base_url);
+    let mut platform = platform;
+    if let Some(p) = platform.as_mut() {
+        match (p.base_url.is_empty(), p.base_urls.is_empty()) {
+            (true, true) => v.problem("platform.base_url", "missing required key".into()),
+            (false, false) => v.problem(
+                "platform.base_urls",
+                "give base_url or base_urls, not both".into(),
+            ),
+            (true, false) => {
+                p.base_url = p.base_urls.remove(0);
+            }
+            (false, true) => {}
+        }
+        if !p.base_url.is_empty() {
+            v.check_base_url("platform.base_url", &p.base_url);
+        }
+        for (i, u) in p.base_urls.clone().iter().enumerate() {
+            v.check_base_url(&format!("platform.base_urls[{}]", i + 1), u);
+        }
         v.nonempty("platform.app_id", &p.app_id);
         v.nonempty("platform.hospital_id", &p.hospital_id);
         v.positive("platform.timeout_ms", p.timeout_ms);
@@ -778,8 +802,7 @@ impl Validator {
         }
     }
 
-    fn check_base_url(&mut self, url: &str) {
-        let key = "platform.base_url";
+    fn check_base_url(&mut self, key: &str, url: &str) {
         let Ok(u) = reqwest::Url::parse(url) else {
             self.problem(key, format!("`{url}` is not a URL"));
             return;

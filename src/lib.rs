@@ -26,6 +26,7 @@
 //! | [`control`] | the control socket (root and the service user): status, scan injection, outbox operations |
 //! | [`status`] | what `status` shows, the systemd STATUS line, what needs attention |
 //! | [`metrics`] | Prometheus metrics (prometheus-client) and their endpoint's content |
+//! | [`gateway`] | the hospital gateway (`ehc-agent gateway`): the platform's protocol towards terminals, one account and one token upstream, enrolled terminals, the daily budget |
 //! | [`demo`] | `ehc-agent demo`: simulator + agent + HIS client in one process |
 //! | [`pii`] | masking names, ID numbers, phones and QR texts before they reach a log |
 //! | [`secrets`] | reading secret files (app secret, HIS token): type and mode checks, BOM and white space |
@@ -38,6 +39,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod gateway;
 pub mod his;
 pub mod metrics;
 pub mod outbox;

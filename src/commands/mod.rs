@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
+mod gateway;
 mod outbox;
 
 use crate::cli::{Cli, Command, SignArgs, SimAction, SimArgs};
@@ -80,6 +81,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scan { text, at } => runtime()?.block_on(scan(text, at)),
         Command::Sign(a) => sign_cmd(a),
         Command::Sim(a) => sim_cmd(a),
+        Command::Gateway(a) => gateway::run(a),
     }
 }
 

@@ -295,6 +295,25 @@ pub fn parse_response<A: Api>(body: &[u8]) -> Result<Answer<A::Rsp>, ResponseErr
     })
 }
 
+/// Just `commonOut.resultCode` of an answer (the gateway passes the rest
+/// on untouched).
+pub fn result_code(body: &[u8]) -> Result<i64, ResponseError> {
+    if body.len() > MAX_BODY {
+        return Err(ResponseError::TooLarge);
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ResponseError::NotJson(without_values(&e.to_string())))?;
+    let Value::Object(top) = v else {
+        return Err(ResponseError::NotObject);
+    };
+    let Some(Value::Object(co)) = top.get("commonOut") else {
+        return Err(ResponseError::MissingCommonOut);
+    };
+    co.get("resultCode")
+        .and_then(Value::as_i64)
+        .ok_or(ResponseError::BadResultCode)
+}
+
 /// serde's message without the value it quotes: `invalid type: string
 /// "张三", expected u64` becomes `invalid type (expected u64)`. A wrongly
 /// typed identity field would otherwise put a patient's name or ID number

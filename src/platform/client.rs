@@ -131,6 +131,9 @@ impl CallError {
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     pub base_url: String,
+    /// More addresses of the same service (a second gateway), tried in
+    /// order when the ones before cannot be connected to.
+    pub fallback_urls: Vec<String>,
     pub app_id: String,
     pub hospital_id: String,
     pub secret: Secret,
@@ -146,6 +149,7 @@ impl ClientSettings {
     pub fn from_config(c: &Config) -> Self {
         ClientSettings {
             base_url: c.platform.base_url.clone(),
+            fallback_urls: c.platform.base_urls.clone(),
             app_id: c.platform.app_id.clone(),
             hospital_id: c.platform.hospital_id.clone(),
             secret: c.app_secret.clone(),
@@ -189,7 +193,10 @@ pub struct Client {
 
 struct Inner {
     http: reqwest::Client,
-    base: String,
+    /// `base_url` and its fallbacks, without trailing slashes.
+    bases: Vec<String>,
+    /// The base that answered last: calls start there.
+    sticky: std::sync::atomic::AtomicUsize,
     settings: ClientSettings,
     tokens: TokenStore,
     refresh: Arc<tokio::sync::Mutex<()>>,
@@ -270,7 +277,11 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
-                base: settings.base_url.trim_end_matches('/').to_owned(),
+                bases: std::iter::once(&settings.base_url)
+                    .chain(&settings.fallback_urls)
+                    .map(|b| b.trim_end_matches('/').to_owned())
+                    .collect(),
+                sticky: std::sync::atomic::AtomicUsize::new(0),
                 settings,
                 tokens,
                 refresh: Arc::new(tokio::sync::Mutex::new(())),
@@ -346,6 +357,14 @@ impl Client {
             Err(CallError::Timeout(_)) => Err(CallError::Timeout(timeout.as_millis() as u64)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Make sure a fresh token is held (the gateway's refresher calls this
+    /// ahead of expiry, so no forwarded scan pays for getAppToken).
+    pub async fn warm_token(&self) -> Result<Token, CallError> {
+        let timeout = self.inner.settings.upload_timeout;
+        self.valid_token(tokio::time::Instant::now() + timeout, timeout)
+            .await
     }
 
     /// A token fresh enough to use, fetching one if needed.
@@ -462,41 +481,8 @@ impl Client {
         timeout: Duration,
     ) -> Result<A::Rsp, CallError> {
         let body = self.envelope::<A>(req, request_id, token);
-        let url = format!("{}{}", self.inner.base, A::PATH);
         let started = std::time::Instant::now();
-        let fut = async {
-            let resp = self
-                .inner
-                .http
-                .post(&url)
-                .header("content-type", "application/json; charset=utf-8")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| transport_error(&e))?;
-            let status = resp.status();
-            if status.is_redirection() {
-                let location = resp
-                    .headers()
-                    .get(reqwest::header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .map(redacted_location)
-                    .unwrap_or_else(|| "(no Location)".into());
-                return Err(CallError::Redirect {
-                    status: status.as_u16(),
-                    location,
-                });
-            }
-            let bytes = read_capped(resp).await?;
-            if !status.is_success() {
-                return Err(CallError::Http(status.as_u16()));
-            }
-            Ok(bytes)
-        };
-        let bytes = match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout(timeout.as_millis() as u64)),
-        };
+        let bytes = self.post(A::PATH, body, timeout).await;
         let result = bytes.and_then(|b| {
             let answer = api::parse_response::<A>(&b)?;
             match answer.rsp {
@@ -523,13 +509,128 @@ impl Client {
         result
     }
 
+    /// POST `body` to `path` on the first base that takes the connection,
+    /// starting with the one that answered last; the body read up to
+    /// [`MAX_BODY`]. Only a failure to connect moves on to the next base: a
+    /// request that reached a server is never sent twice by this.
+    async fn post(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let bases = &self.inner.bases;
+        let first = self.inner.sticky.load(Ordering::Relaxed) % bases.len();
+        let fut = async {
+            let mut last = None;
+            for i in (0..bases.len()).map(|k| (first + k) % bases.len()) {
+                let url = format!("{}{}", bases[i], path);
+                let sent = self
+                    .inner
+                    .http
+                    .post(&url)
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let resp = match sent {
+                    Ok(r) => r,
+                    Err(e) if e.is_connect() && bases.len() > 1 => {
+                        tracing::warn!(base = %bases[i], error = %transport_error(&e), "cannot connect; trying the next address");
+                        last = Some(transport_error(&e));
+                        continue;
+                    }
+                    Err(e) => return Err(transport_error(&e)),
+                };
+                self.inner.sticky.store(i, Ordering::Relaxed);
+                let status = resp.status();
+                if status.is_redirection() {
+                    let location = resp
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(redacted_location)
+                        .unwrap_or_else(|| "(no Location)".into());
+                    return Err(CallError::Redirect {
+                        status: status.as_u16(),
+                        location,
+                    });
+                }
+                let bytes = read_capped(resp).await?;
+                if !status.is_success() {
+                    return Err(CallError::Http(status.as_u16()));
+                }
+                return Ok(bytes);
+            }
+            Err(last.unwrap_or_else(|| CallError::Unreachable("no address".into())))
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Forward a request a terminal sent (the gateway): `req` as the
+    /// terminal sent it, its `requestId` unchanged, re-signed with this
+    /// client's secret and current token. On 21003/21004 the token is
+    /// refreshed (single flight, generation-guarded) and the request sent
+    /// once more. Returns the platform's answer body unchanged, and its
+    /// result code.
+    pub async fn forward(
+        &self,
+        api_name: &str,
+        path: &str,
+        req: &Map<String, Value>,
+        request_id: &str,
+        urgency: Urgency,
+    ) -> Result<(Vec<u8>, i64), CallError> {
+        let timeout = self.timeout(urgency);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let started = std::time::Instant::now();
+        let mut token = self.valid_token(deadline, timeout).await?;
+        let mut retried = false;
+        let result: Result<(Vec<u8>, i64), CallError> = loop {
+            let body = self.envelope_map(req.clone(), request_id, &token.value);
+            let bytes = self.post(path, body, left(deadline, timeout)?).await?;
+            let code = api::result_code(&bytes)?;
+            if matches!(code, 21003 | 21004) && !retried {
+                retried = true;
+                if token.expires_at > clock::now_unix() {
+                    let st = &self.inner.stats;
+                    st.revocations.fetch_add(1, Ordering::Relaxed);
+                    st.last_revoked_at
+                        .store(clock::now_unix(), Ordering::Relaxed);
+                }
+                token = self
+                    .refresh(token.generation, deadline, timeout, Reason::Rejected(code))
+                    .await?;
+                continue;
+            }
+            break Ok((bytes, code));
+        };
+        let class = match &result {
+            Ok((_, 0)) => "success",
+            Ok((_, code)) => super::error::classify(*code).as_str(),
+            Err(e) => e.class().as_str(),
+        };
+        crate::metrics::get().platform(api_name, class, started.elapsed().as_secs_f64());
+        if matches!(result, Ok((_, 0))) {
+            self.inner.rejected_streak.store(0, Ordering::Relaxed);
+        }
+        result
+    }
+
     /// The signed JSON envelope for a request.
     fn envelope<A: Api>(&self, req: &A::Req, request_id: &str, token: &str) -> Vec<u8> {
-        let s = &self.inner.settings;
         let req = match serde_json::to_value(req) {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
         };
+        self.envelope_map(req, request_id, token)
+    }
+
+    fn envelope_map(&self, req: Map<String, Value>, request_id: &str, token: &str) -> Vec<u8> {
+        let s = &self.inner.settings;
         let mut common = Map::new();
         common.insert("appToken".into(), token.into());
         common.insert("requestId".into(), request_id.into());
@@ -559,8 +660,6 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, CallError> 
     Ok(buf)
 }
 
-/// reqwest's top-level message ("error sending request") hides the cause;
-/// the operator needs the chain ("connection refused").
 /// Longest wait between refreshes after repeated rejections.
 const MAX_REFRESH_BACKOFF_S: i64 = 300;
 
@@ -588,6 +687,8 @@ fn redacted_location(loc: &str) -> String {
     }
 }
 
+/// reqwest's top-level message ("error sending request") hides the cause;
+/// the operator needs the chain ("connection refused").
 fn transport_error(e: &reqwest::Error) -> CallError {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -609,6 +710,7 @@ mod tests {
     fn rejected_refreshes_back_off_exponentially() {
         let c = Client::new(ClientSettings {
             base_url: "http://127.0.0.1:9".into(),
+            fallback_urls: Vec::new(),
             app_id: "a".into(),
             hospital_id: "h".into(),
             secret: Secret::new("s"),

@@ -258,20 +258,45 @@ impl TokenTable {
             .map(|(k, t)| (k.clone(), t.expires_at))
     }
 
-    /// The holder of the envelope's token: 21001 none, 21004 unknown,
-    /// revoked or of another hospital, 21003 expired at `now`.
+    /// The holder of the envelope's token (see [`check_token`]).
     pub fn check(&self, env: &Envelope, now: i64) -> Result<&str, Answer> {
-        let rid = &env.request_id;
-        if env.app_token.is_empty() {
-            return Err(Answer::err(21001, rid));
-        }
-        match self.tokens.get(&env.app_token) {
-            None => Err(Answer::err(21004, rid)),
-            Some(t) if t.revoked => Err(Answer::err(21004, rid)),
-            Some(t) if now >= t.expires_at => Err(Answer::err(21003, rid)),
-            Some(t) if t.hospital_id != env.hospital_id => Err(Answer::err(21004, rid)),
-            Some(t) => Ok(&t.holder),
-        }
+        let found = self.tokens.get(&env.app_token).map(|t| TokenView {
+            holder: &t.holder,
+            hospital_id: &t.hospital_id,
+            expires_at: t.expires_at,
+            revoked: t.revoked,
+        });
+        check_token(env, found, now)
+    }
+}
+
+/// A token as a server found it, wherever it keeps them.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenView<'a> {
+    pub holder: &'a str,
+    pub hospital_id: &'a str,
+    pub expires_at: i64,
+    pub revoked: bool,
+}
+
+/// The platform's answer to the envelope's token, `found` being what the
+/// server knows of it: 21001 none presented, 21004 unknown, revoked or of
+/// another hospital, 21003 expired at `now`; else its holder.
+pub fn check_token<'a>(
+    env: &Envelope,
+    found: Option<TokenView<'a>>,
+    now: i64,
+) -> Result<&'a str, Answer> {
+    let rid = &env.request_id;
+    if env.app_token.is_empty() {
+        return Err(Answer::err(21001, rid));
+    }
+    match found {
+        None => Err(Answer::err(21004, rid)),
+        Some(t) if t.revoked => Err(Answer::err(21004, rid)),
+        Some(t) if now >= t.expires_at => Err(Answer::err(21003, rid)),
+        Some(t) if t.hospital_id != env.hospital_id => Err(Answer::err(21004, rid)),
+        Some(t) => Ok(t.holder),
     }
 }
 

@@ -40,8 +40,13 @@ pub struct Token {
 }
 
 impl Token {
+    /// Whether the token may still be used at `now`, or should be replaced
+    /// first: [`REFRESH_MARGIN`] before expiry, or a fifth of its lifetime
+    /// for a short-lived one (a gateway's or a test platform's), so that a
+    /// token is used for most of its life instead of refreshed at every call.
     pub fn fresh_at(&self, now: i64) -> bool {
-        now < self.expires_at - REFRESH_MARGIN
+        let lifetime = (self.expires_at - self.obtained_at).max(0);
+        now < self.expires_at - REFRESH_MARGIN.min(lifetime / 5)
     }
 }
 

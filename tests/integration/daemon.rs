@@ -40,6 +40,10 @@ pub struct Options {
     pub outbox_path: String,
     /// Extra environment for the daemon.
     pub env: Vec<(String, String)>,
+    /// The platform account: (app_id, secret), default the simulator's.
+    pub account: Option<(String, String)>,
+    /// Replaces `base_url = "..."` (e.g. `base_urls = [...]`).
+    pub platform_addr_line: Option<String>,
 }
 
 impl Default for Options {
@@ -52,6 +56,8 @@ impl Default for Options {
             base_url: None,
             outbox_path: "outbox.sqlite".into(),
             env: Vec::new(),
+            account: None,
+            platform_addr_line: None,
         }
     }
 }
@@ -68,8 +74,12 @@ impl Daemon {
 
     /// Start in an existing directory (a restart keeps the outbox there).
     pub async fn start_in(dir: tempfile::TempDir, sim: &SimServer, o: Options) -> Daemon {
+        let (app_id, secret_text) = o
+            .account
+            .clone()
+            .unwrap_or_else(|| (crate::common::APP_ID.into(), crate::common::SECRET.into()));
         let secret = dir.path().join("app_secret");
-        std::fs::write(&secret, crate::common::SECRET).unwrap();
+        std::fs::write(&secret, &secret_text).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let origins: Vec<String> = o
             .allowed_origins
@@ -83,7 +93,7 @@ impl Daemon {
         let cfg = format!(
             r#"
 [platform]
-base_url = "{base}"
+{base_line}
 app_id = "{app}"
 app_secret_file = "app_secret"
 hospital_id = "{hosp}"
@@ -113,8 +123,11 @@ hold_s = 30
 path = "{outbox}"
 {extra}
 "#,
-            base = o.base_url.unwrap_or_else(|| sim.base_url()),
-            app = crate::common::APP_ID,
+            base_line = o.platform_addr_line.clone().unwrap_or_else(|| format!(
+                "base_url = \"{}\"",
+                o.base_url.clone().unwrap_or_else(|| sim.base_url())
+            )),
+            app = app_id,
             hosp = crate::common::HOSPITAL,
             origins = origins.join(", "),
             extra = o.extra_toml,

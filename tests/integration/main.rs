@@ -9,6 +9,7 @@ mod crash;
 mod daemon;
 mod disk;
 mod fuzz_regressions;
+mod gateway;
 mod his_access;
 mod his_examples;
 mod outbox;

@@ -1,0 +1,195 @@
+//! `ehc-agent gateway …`: run the gateway, enrol and revoke terminals, and
+//! show how it stands. The terminal commands work on the gateway's store
+//! directly, running or not: the gateway reads a terminal's row on every
+//! request, so a revocation takes effect at once.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use crate::cli::{GatewayAction, GatewayArgs, TerminalAction};
+use crate::clock;
+use crate::config::Env;
+use crate::gateway::config::{self, GatewayConfig, GatewayConfigError};
+use crate::gateway::store::GatewayStore;
+
+use super::{runtime, EXIT_USAGE};
+
+pub fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match config::load(a.config.as_deref(), &Env::from_process()) {
+        Ok(c) => c,
+        Err(e @ GatewayConfigError::Invalid { .. }) | Err(e @ GatewayConfigError::Read { .. }) => {
+            eprintln!("ehc-agent gateway: {e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    match a.action {
+        GatewayAction::Run => {
+            runtime()?.block_on(crate::gateway::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        GatewayAction::Terminal { action } => terminal(&cfg, action),
+        GatewayAction::Status { json } => status(&cfg, json),
+    }
+}
+
+fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitCode> {
+    let store = GatewayStore::open(&cfg.store_path())?;
+    match action {
+        TerminalAction::Add { name, secret_file } => {
+            let t = match store.add_terminal(&name, clock::now_unix()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ehc-agent gateway: {e}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            let secret_line = match &secret_file {
+                Some(p) => {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(p)?;
+                    f.write_all(t.secret.as_bytes())?;
+                    format!(
+                        "# the secret is in {} (mode 0600): copy it to the terminal as /etc/ehc-agent/app_secret",
+                        p.display()
+                    )
+                }
+                None => {
+                    eprintln!("warning: the terminal's secret is printed once below; it is not shown again (use --secret-file to write it to a file instead)");
+                    format!(
+                        "# write this secret, alone on one line, to /etc/ehc-agent/app_secret on the terminal (chmod 600):\n# {}",
+                        t.secret
+                    )
+                }
+            };
+            println!(
+                "# terminal {}: in its /etc/ehc-agent/agent.toml, [platform]:",
+                t.name
+            );
+            println!("base_url = \"{}\"", cfg.public_url);
+            println!("app_id = \"{}\"", t.app_id);
+            println!("hospital_id = \"{}\"", cfg.hospital_id);
+            println!("app_secret_file = \"/etc/ehc-agent/app_secret\"");
+            println!("{secret_line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        TerminalAction::List { json } => {
+            let ts = store.terminals()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ts)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let now = clock::now_unix();
+            println!(
+                "{:<20} {:<32} {:<10} last seen",
+                "terminal", "app_id", "state"
+            );
+            for t in ts {
+                println!(
+                    "{:<20} {:<32} {:<10} {}",
+                    t.name,
+                    t.app_id,
+                    if t.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    t.last_seen
+                        .map(|s| format!(
+                            "{} s ago from {}",
+                            now - s,
+                            t.last_peer.as_deref().unwrap_or("?")
+                        ))
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TerminalAction::Revoke { name } => match store.revoke_terminal(&name, clock::now_unix()) {
+            Ok(()) => {
+                println!("terminal {name} revoked: its token no longer works and its appId is refused (21002)");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("ehc-agent gateway: {e}");
+                Ok(ExitCode::from(EXIT_USAGE))
+            }
+        },
+    }
+}
+
+fn status(cfg: &GatewayConfig, json: bool) -> anyhow::Result<ExitCode> {
+    use crate::platform::token::{Identity, TokenStore};
+    let store = GatewayStore::open(&cfg.store_path())?;
+    let now = clock::now_unix();
+    let day = clock::day_number(now, clock::BEIJING);
+    let used = store.budget_used(day)?;
+    let terminals = store.terminals()?;
+    let token = TokenStore::open(
+        cfg.upstream.state_path.as_deref(),
+        Identity {
+            base_url: cfg.upstream.base_url.clone(),
+            app_id: cfg.upstream.app_id.clone(),
+            hospital_id: cfg.upstream.hospital_id.clone(),
+        },
+    )
+    .ok()
+    .and_then(|s| s.current());
+    if json {
+        let v = serde_json::json!({
+            "upstreamToken": token.as_ref().map(|t| serde_json::json!({
+                "generation": t.generation,
+                "obtainedAt": t.obtained_at,
+                "expiresAt": t.expires_at,
+                "valid": t.expires_at > now,
+            })),
+            "budget": {
+                "day": clock::platform_time(now, clock::BEIJING)[..10].to_owned(),
+                "limit": cfg.daily_budget,
+                "used": used.iter().map(|(a, n)| (a.clone(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+            },
+            "terminals": terminals,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &token {
+        Some(t) => println!(
+            "upstream token: generation {}, obtained {} s ago, {}",
+            t.generation,
+            now - t.obtained_at,
+            if t.expires_at > now {
+                format!("valid for {} s", t.expires_at - now)
+            } else {
+                "EXPIRED".into()
+            }
+        ),
+        None => println!("upstream token: none yet"),
+    }
+    println!(
+        "calls today (Beijing day), per interface{}:",
+        cfg.daily_budget
+            .map(|b| format!(", budget {b}"))
+            .unwrap_or_default()
+    );
+    for (api, n) in &used {
+        let left = cfg
+            .daily_budget
+            .map(|b| format!(" ({} left)", b.saturating_sub(*n)))
+            .unwrap_or_default();
+        println!("  {api:<24} {n}{left}");
+    }
+    let active = terminals.iter().filter(|t| t.revoked_at.is_none()).count();
+    let seen = terminals
+        .iter()
+        .filter(|t| t.last_seen.is_some_and(|s| now - s < 3600))
+        .count();
+    println!(
+        "terminals: {active} enrolled, {seen} seen in the last hour, {} revoked",
+        terminals.len() - active
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,300 @@
+//! The gateway's configuration (`/etc/ehc-agent/gateway.toml`): where it
+//! listens for terminals, where it keeps its state, and the hospital's one
+//! account on the platform (upstream).
+//!
+//! ```toml
+//! [gateway]
+//! listen = "127.0.0.1:7443"          # plain HTTP: loopback only (see docs/gateway.md)
+//! public_url = "http://127.0.0.1:7443"  # what terminals put in base_url
+//! state_dir = "/var/lib/ehc-agent-gateway"  # default $STATE_DIRECTORY
+//! token_ttl_s = 7200                 # terminals' tokens
+//! daily_budget = 100                 # optional: calls per interface per Beijing day (10034 past it)
+//!
+//! [upstream]
+//! base_url = "https://p-healthopen.tengmed.com"
+//! app_id = "..."
+//! app_secret_file = "/etc/ehc-agent/gateway_app_secret"  # or the systemd credential `app_secret`
+//! hospital_id = "..."
+//! ```
+//!
+//! Problems are collected like the agent's: every one, with its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{Env, Problem, Secret, SECRET_CREDENTIAL};
+use crate::platform::ClientSettings;
+
+/// Where the gateway looks for its configuration without `--config`.
+pub const DEFAULT_PATH: &str = "/etc/ehc-agent/gateway.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    gateway: GatewaySection,
+    upstream: UpstreamSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewaySection {
+    listen: String,
+    #[serde(default)]
+    public_url: Option<String>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default = "default_ttl")]
+    token_ttl_s: u64,
+    #[serde(default)]
+    daily_budget: Option<u64>,
+    #[serde(default = "default_skew")]
+    max_skew_s: u64,
+}
+
+fn default_ttl() -> u64 {
+    7200
+}
+fn default_skew() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    base_url: String,
+    app_id: String,
+    #[serde(default)]
+    app_secret_file: Option<PathBuf>,
+    hospital_id: String,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_upload_timeout")]
+    upload_timeout_ms: u64,
+    #[serde(default)]
+    proxy: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+fn default_timeout() -> u64 {
+    3000
+}
+fn default_upload_timeout() -> u64 {
+    15000
+}
+
+/// A validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub state_dir: PathBuf,
+    pub token_ttl_s: u64,
+    pub daily_budget: Option<u64>,
+    pub max_skew_s: u64,
+    pub hospital_id: String,
+    pub upstream: ClientSettings,
+}
+
+impl GatewayConfig {
+    /// The gateway's own store (terminals, their tokens, the budget).
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("gateway.sqlite")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayConfigError {
+    #[error("{path}: {error}")]
+    Read { path: PathBuf, error: String },
+    #[error("{path}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {}: {}", p.key, p.message)).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// Read and validate `path` (or [`DEFAULT_PATH`]).
+pub fn load(path: Option<&Path>, env: &Env) -> Result<GatewayConfig, GatewayConfigError> {
+    let path = path
+        .map(Path::to_owned)
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let text = std::fs::read_to_string(&path).map_err(|e| GatewayConfigError::Read {
+        path: path.clone(),
+        error: e.to_string(),
+    })?;
+    parse(&text, &path, env).map_err(|problems| GatewayConfigError::Invalid { path, problems })
+}
+
+pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, message: String| {
+        problems.push(Problem {
+            key: key.into(),
+            message,
+        })
+    };
+    let value: toml::Value = match toml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            problem(
+                "(file)",
+                format!("not valid TOML: {}", e.to_string().trim()),
+            );
+            return Err(problems);
+        }
+    };
+    let file: File = match serde_path_to_error::deserialize(value) {
+        Ok(f) => f,
+        Err(e) => {
+            problem(&e.path().to_string(), e.inner().message().trim().to_owned());
+            return Err(problems);
+        }
+    };
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    let g = &file.gateway;
+    let listen = match g.listen.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() => Some(a),
+        // Terminals' secrets' tokens and patients' identities would cross
+        // the network in clear text.
+        Ok(_) => {
+            problem("gateway.listen", format!("`{}`: this gateway serves plain HTTP, so only on a loopback address; put a TLS-terminating proxy in front for other machines (docs/gateway.md)", g.listen));
+            None
+        }
+        Err(_) => {
+            problem(
+                "gateway.listen",
+                format!("`{}` is not an address like 127.0.0.1:7443", g.listen),
+            );
+            None
+        }
+    };
+    if g.token_ttl_s < 120 {
+        problem("gateway.token_ttl_s", "at least 120 s".into());
+    }
+    if g.daily_budget == Some(0) {
+        problem("gateway.daily_budget", "must be greater than 0".into());
+    }
+    let u = &file.upstream;
+    if reqwest::Url::parse(&u.base_url).is_err() {
+        problem(
+            "upstream.base_url",
+            format!("`{}` is not a URL", u.base_url),
+        );
+    }
+    for (k, v) in [
+        ("upstream.app_id", &u.app_id),
+        ("upstream.hospital_id", &u.hospital_id),
+    ] {
+        if v.trim().is_empty() {
+            problem(k, "must not be empty".into());
+        }
+    }
+    let credential = env
+        .credentials_directory
+        .as_ref()
+        .map(|d| d.join(SECRET_CREDENTIAL))
+        .filter(|p| p.exists());
+    let secret = match (credential, u.app_secret_file.as_deref().map(resolve)) {
+        (Some(c), _) => crate::secrets::read(&c, crate::secrets::Readers::Credential),
+        (None, Some(f)) => crate::secrets::read(&f, crate::secrets::Readers::Owner),
+        (None, None) => {
+            problem(
+                "upstream.app_secret_file",
+                format!(
+                    "missing: name a file, or pass the systemd credential `{SECRET_CREDENTIAL}`"
+                ),
+            );
+            Ok(String::new())
+        }
+    };
+    let secret = match secret {
+        Ok(s) => s,
+        Err(e) => {
+            problem("upstream.app_secret_file", e.to_string());
+            String::new()
+        }
+    };
+    let state_dir = g
+        .state_dir
+        .as_deref()
+        .map(resolve)
+        .or_else(|| env.state_directory.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ehc-agent-gateway"));
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let listen = listen.expect("checked above");
+    Ok(GatewayConfig {
+        source: path.to_owned(),
+        listen,
+        public_url: g
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{listen}")),
+        token_ttl_s: g.token_ttl_s,
+        daily_budget: g.daily_budget,
+        max_skew_s: g.max_skew_s,
+        hospital_id: u.hospital_id.clone(),
+        upstream: ClientSettings {
+            base_url: u.base_url.clone(),
+            fallback_urls: Vec::new(),
+            app_id: u.app_id.clone(),
+            hospital_id: u.hospital_id.clone(),
+            secret: Secret::new(secret),
+            scan_timeout: std::time::Duration::from_millis(u.timeout_ms),
+            upload_timeout: std::time::Duration::from_millis(u.upload_timeout_ms),
+            proxy: u.proxy.clone(),
+            ca_file: u.ca_file.as_deref().map(resolve),
+            state_path: Some(state_dir.join("upstream.sqlite")),
+        },
+        state_dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn every_problem_is_named_and_plain_http_is_loopback_only() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("s");
+        std::fs::write(&secret, "sec").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "[gateway]\nlisten = \"0.0.0.0:7443\"\ntoken_ttl_s = 5\n[upstream]\nbase_url = \"nope\"\napp_id = \"\"\nhospital_id = \"h\"\napp_secret_file = \"{}\"\n",
+            secret.display()
+        );
+        let p = parse(&text, &d.path().join("g.toml"), &Env::default()).unwrap_err();
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "gateway.listen",
+                "gateway.token_ttl_s",
+                "upstream.base_url",
+                "upstream.app_id"
+            ]
+        );
+        let good = text
+            .replace("0.0.0.0", "127.0.0.1")
+            .replace("token_ttl_s = 5", "")
+            .replace("\"nope\"", "\"http://127.0.0.1:1\"")
+            .replace("app_id = \"\"", "app_id = \"a\"");
+        let c = parse(&good, &d.path().join("g.toml"), &Env::default()).unwrap();
+        assert_eq!(c.public_url, "http://127.0.0.1:7443");
+        assert_eq!(c.upstream.secret.expose(), "sec");
+    }
+}

@@ -1,0 +1,174 @@
+//! The hospital gateway (`ehc-agent gateway`, DESIGN §5a): one platform
+//! account, one upstream token and one secret for every terminal.
+//!
+//! A new platform token revokes the old one, so terminals that each hold the
+//! hospital's appId revoke each other; and the secret, which reads any
+//! patient's identity through the platform, would sit on every counter PC.
+//! The gateway speaks the platform's own protocol downstream (a terminal's
+//! agent changes only `base_url`, `app_id` and its secret) and is the
+//! platform's only client upstream.
+//!
+//! * [`config`]: `gateway.toml`.
+//! * [`store`]: enrolled terminals and their secrets, the tokens the gateway
+//!   gave them, calls per interface per Beijing day.
+//! * [`server`]: the platform's paths: terminals' checks, answered as the
+//!   platform would ([`crate::platform::serve`], shared with the simulator),
+//!   then forwarding with the hospital's account ([`crate::platform::Client`],
+//!   whose token is single-flight, generation-guarded and persisted).
+//!
+//! The upstream token is refreshed ahead of expiry by a task of its own, so
+//! no forwarded scan pays for getAppToken.
+
+pub mod config;
+pub mod server;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::GatewayConfig;
+use store::GatewayStore;
+
+use crate::platform::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Store(#[from] store::GatewayStoreError),
+    #[error(transparent)]
+    Client(#[from] crate::platform::client::BuildError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub upstream: Client,
+    pub store: Arc<GatewayStore>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Open the store, bind, and serve until [`RunningGateway::stop`].
+    pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
+        let store = Arc::new(GatewayStore::open(&cfg.store_path())?);
+        let upstream = Client::new(cfg.upstream.clone())?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let stop = CancellationToken::new();
+        let gw = Arc::new(server::Gateway {
+            cfg,
+            store: store.clone(),
+            upstream: upstream.clone(),
+        });
+        let app = server::router(gw);
+        let (s1, s2) = (stop.clone(), stop.clone());
+        let refresher = upstream.clone();
+        tokio::spawn(async move { keep_token_fresh(refresher, s2).await });
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { s1.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "gateway server stopped");
+            }
+        });
+        tracing::info!(listen = %addr, "ehc-agent gateway running");
+        Ok(RunningGateway {
+            addr,
+            upstream,
+            store,
+            stop,
+            task,
+        })
+    }
+
+    /// What terminals put in `base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Refresh the upstream token ahead of its expiry (and fetch one at start),
+/// so forwarded calls find a fresh one. Failures are retried with backoff;
+/// calls in between refresh on demand as before.
+async fn keep_token_fresh(client: Client, stop: CancellationToken) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = match client.warm_token().await {
+            Ok(t) => {
+                backoff = Duration::from_secs(1);
+                // Wake when it stops being fresh (fresh_at's margin).
+                let now = crate::clock::now_unix();
+                let mut at = now + 1;
+                while t.fresh_at(at) && at < t.expires_at {
+                    at += ((t.expires_at - at) / 2).max(1);
+                }
+                Duration::from_secs((at - now).clamp(1, 3600) as u64)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_s = backoff.as_secs(), "upstream token refresh failed");
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+                w
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// `ehc-agent gateway run`: serve until SIGTERM/SIGINT.
+pub async fn run(cfg: GatewayConfig) -> Result<(), GatewayError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(GatewayError::Listen {
+                addr: cfg.listen,
+                source: e,
+            })
+        }
+    };
+    let gw = RunningGateway::start(cfg).await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("gateway stopping");
+    gw.stop().await;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The gateway's HTTP side: the platform's paths, answered as the platform
+//! would towards the terminals ([`crate::platform::serve`]), and forwarded
+//! upstream with the hospital's one account ([`Client::forward`]).
+//!
+//! For each request, in the platform's order: envelope and timestamp
+//! (20001, 10003, 10002, 10037, 20002); for getAppToken the terminal's appId
+//! (21002 unknown or revoked), the hospital (21005) and the terminal's
+//! signature (21006), answered by the gateway itself with a token of its
+//! own; for the other APIs the terminal's token (21001, 21004, 21003), the
+//! terminal (21002 revoked) and its signature (21006); then the hospital's
+//! daily budget for the interface (10034, answered here); then forwarding.
+//!
+//! Upstream token codes are the gateway's business (refresh and one retry
+//! inside [`Client::forward`]); if one still comes back, or the platform
+//! cannot be reached, the terminal gets HTTP 503, which its agent treats as
+//! "unavailable": scans follow the offline policy, uses stay in its outbox.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::json;
+
+use super::config::GatewayConfig;
+use super::store::{GatewayStore, IssuedToken};
+use crate::clock;
+use crate::platform::api::{self, MAX_BODY};
+use crate::platform::serve::{self, Answer, Envelope, TokenView};
+use crate::platform::{Client, Urgency};
+
+/// What every request handler shares.
+pub struct Gateway {
+    pub cfg: GatewayConfig,
+    pub store: Arc<GatewayStore>,
+    pub upstream: Client,
+}
+
+/// The router: one POST route per platform API.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let mut r = Router::new();
+    for (name, path) in api::API_NAMES {
+        let (name, path): (&'static str, &'static str) = (name, path);
+        r = r.route(
+            path,
+            post(
+                move |State(gw): State<Arc<Gateway>>,
+                      ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                      body: Bytes| async move {
+                    handle(gw, name, path, peer, body).await
+                },
+            ),
+        );
+    }
+    r.fallback(|| async {
+        (
+            StatusCode::NOT_FOUND,
+            "not a health card open platform path\n",
+        )
+    })
+    .layer(DefaultBodyLimit::max(MAX_BODY))
+    .with_state(gw)
+}
+
+fn answer(a: Answer) -> Response {
+    json_response(StatusCode::OK, a.to_json().to_string().into_bytes())
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// The platform is unreachable or kept refusing the hospital's token: the
+/// terminal retries later.
+fn unavailable(why: &str) -> Response {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": why}).to_string().into_bytes(),
+    )
+}
+
+/// Scans wait at a window: the short timeout; reports and binds do not.
+fn urgency(api_name: &str) -> Urgency {
+    match api_name {
+        "verifyQRCode" | "getHealthCardByQRCode" => Urgency::Scan,
+        _ => Urgency::Upload,
+    }
+}
+
+async fn handle(
+    gw: Arc<Gateway>,
+    api_name: &'static str,
+    path: &'static str,
+    peer: SocketAddr,
+    body: Bytes,
+) -> Response {
+    let now = clock::now_unix();
+    let env = match serve::parse_envelope(&body, MAX_BODY, now, gw.cfg.max_skew_s) {
+        Ok(e) => e,
+        Err(a) => return answer(a),
+    };
+    let store = gw.store.clone();
+    let checked = tokio::task::spawn_blocking({
+        let gw = gw.clone();
+        let env = env.clone();
+        move || admit(&gw, &store, api_name, &env, now, peer)
+    })
+    .await;
+    let admitted = match checked {
+        Ok(Ok(a)) => a,
+        Ok(Err(a)) => return answer(a),
+        Err(_) => return unavailable("internal error"),
+    };
+    let terminal = match admitted {
+        Admitted::Token(a) => return answer(a),
+        Admitted::Forward(t) => t,
+    };
+    match gw
+        .upstream
+        .forward(api_name, path, &env.req, &env.request_id, urgency(api_name))
+        .await
+    {
+        Ok((bytes, code)) if matches!(code, 21003 | 21004) => {
+            tracing::error!(api = api_name, code, terminal = %terminal, "the platform refused the hospital's token even after a refresh");
+            let _ = bytes;
+            unavailable("the platform refused the hospital's token; retry later")
+        }
+        Ok((bytes, code)) => {
+            tracing::debug!(api = api_name, code, terminal = %terminal, request_id = %env.request_id, "forwarded");
+            json_response(StatusCode::OK, bytes)
+        }
+        Err(e) => {
+            tracing::warn!(api = api_name, terminal = %terminal, error = %e, class = %e.class(), "forwarding failed");
+            unavailable(&format!(
+                "the gateway could not reach the platform: {}",
+                e.class()
+            ))
+        }
+    }
+}
+
+/// What the gateway does with a request that passed its checks.
+enum Admitted {
+    /// getAppToken: answered by the gateway.
+    Token(Answer),
+    /// Forward, for this terminal.
+    Forward(String),
+}
+
+/// The terminal's checks and the budget (blocking: the store).
+fn admit(
+    gw: &Gateway,
+    store: &GatewayStore,
+    api_name: &str,
+    env: &Envelope,
+    now: i64,
+    peer: SocketAddr,
+) -> Result<Admitted, Answer> {
+    let rid = &env.request_id;
+    let internal = |e: super::store::GatewayStoreError| {
+        tracing::error!(error = %e, "gateway store failed");
+        Answer::err(-1, rid)
+    };
+    if api_name == "getAppToken" {
+        let app_id = env.app_id()?;
+        let terminal = match store.terminal_by_app_id(app_id).map_err(internal)? {
+            Some(t) if t.revoked_at.is_none() => t,
+            Some(t) => {
+                tracing::warn!(terminal = %t.name, peer = %peer, "a revoked terminal asked for a token");
+                return Err(Answer::err(21002, rid));
+            }
+            None => return Err(Answer::err(21002, rid)),
+        };
+        if env.hospital_id != gw.cfg.hospital_id {
+            return Err(Answer::err(21005, rid));
+        }
+        env.verify(&terminal.secret)?;
+        let token = serve::new_token(&mut rand::rng());
+        let expires_at = now + gw.cfg.token_ttl_s as i64;
+        store
+            .issue_token(&IssuedToken {
+                token: token.clone(),
+                terminal: terminal.name.clone(),
+                hospital_id: env.hospital_id.clone(),
+                expires_at,
+            })
+            .map_err(internal)?;
+        let _ = store.seen(&terminal.name, now, &peer.to_string());
+        tracing::info!(terminal = %terminal.name, peer = %peer, "token issued to a terminal");
+        return Ok(Admitted::Token(Answer::ok(
+            rid,
+            json!({"appToken": token, "expiresIn": gw.cfg.token_ttl_s}),
+        )));
+    }
+    let found = store.token(&env.app_token).map_err(internal)?;
+    let holder = serve::check_token(
+        env,
+        found.as_ref().map(|t| TokenView {
+            holder: &t.terminal,
+            hospital_id: &t.hospital_id,
+            expires_at: t.expires_at,
+            revoked: false,
+        }),
+        now,
+    )?
+    .to_owned();
+    let terminal = match store.terminal(&holder).map_err(internal)? {
+        Some(t) if t.revoked_at.is_none() => t,
+        _ => return Err(Answer::err(21002, rid)),
+    };
+    env.verify(&terminal.secret)?;
+    let _ = store.seen(&terminal.name, now, &peer.to_string());
+    let day = clock::day_number(now, clock::BEIJING);
+    if store
+        .take_budget(api_name, day, gw.cfg.daily_budget)
+        .map_err(internal)?
+        .is_none()
+    {
+        tracing::warn!(api = api_name, budget = ?gw.cfg.daily_budget, "the hospital's daily budget for this interface is spent; answering 10034 until Beijing midnight");
+        return Err(Answer::err(10034, rid));
+    }
+    Ok(Admitted::Forward(terminal.name))
+}

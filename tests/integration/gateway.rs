@@ -1,0 +1,287 @@
+//! The hospital gateway against the simulator over real HTTP: it answers
+//! terminals exactly as the platform would, forwards with one account and
+//! one token, counts the hospital's budget, and real agents work behind it
+//! unchanged but for their `[platform]` lines.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use ehc_agent::gateway::{config, RunningGateway};
+use ehc_agent::sim::SimConfig;
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::daemon::{until_sim, Daemon, HisClient, Options};
+
+/// A gateway in-process in `dir`, towards `sim`.
+async fn gateway(sim: &ehc_agent::sim::SimServer, dir: &Path, extra: &str) -> RunningGateway {
+    let secret = dir.join("upstream_secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\n{extra}\n[upstream]\nbase_url = \"{}\"\napp_id = \"{APP_ID}\"\nhospital_id = \"{HOSPITAL}\"\napp_secret_file = \"upstream_secret\"\n",
+        sim.base_url()
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = config::load(Some(&path), &Default::default()).unwrap();
+    RunningGateway::start(cfg).await.unwrap()
+}
+
+async fn post_to(base: &str, api: &str, env: &Value) -> (u16, Value) {
+    let r = http()
+        .post(format!("{base}{}", path(api)))
+        .body(env.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The answers a terminal gets are the platform's: 21006 for a bad
+/// signature, 21002 for a revoked terminal, 20002 for a skewed clock; a
+/// good call is forwarded with its requestId and answered with the
+/// platform's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_get_the_platforms_answers() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&sim, dir.path(), "").await;
+    let base = gw.base_url();
+    let t = gw.store.add_terminal("WIN-01", now()).unwrap();
+    let token_req = |secret: &str, ts: i64| {
+        envelope_at(
+            "",
+            &rid(1),
+            json!({"appId": t.app_id}),
+            secret,
+            HOSPITAL,
+            ts,
+        )
+    };
+    let (_, a) = post_to(&base, "getAppToken", &token_req("wrong", now())).await;
+    assert_eq!(code(&a), 21006, "{a}");
+    let (_, a) = post_to(&base, "getAppToken", &token_req(&t.secret, now() - 3600)).await;
+    assert_eq!(code(&a), 20002, "{a}");
+    let (_, a) = post_to(&base, "getAppToken", &token_req(&t.secret, now())).await;
+    assert_eq!(code(&a), 0, "{a}");
+    let token = a["rsp"]["appToken"].as_str().unwrap().to_owned();
+
+    // A good call: forwarded, the platform's answer, our requestId.
+    let r = rid(2);
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let call = envelope(&token, &r, json!({"qrCodeText": qr}), &t.secret);
+    let (status, a) = post_to(&base, "getHealthCardByQRCode", &call).await;
+    assert_eq!((status, code(&a)), (200, 0), "{a}");
+    assert_eq!(a["commonOut"]["requestId"], r.as_str());
+    assert_eq!(a["rsp"]["card"]["name"], "测试甲");
+    // Signed with another terminal's secret: 21006, nothing forwarded.
+    let before = calls(&sim, "getHealthCardByQRCode", "0").await;
+    let other = gw.store.add_terminal("WIN-02", now()).unwrap();
+    let forged = envelope(&token, &rid(3), json!({"qrCodeText": qr}), &other.secret);
+    let (_, a) = post_to(&base, "getHealthCardByQRCode", &forged).await;
+    assert_eq!(code(&a), 21006, "{a}");
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, before);
+
+    // Revoked: the token stops working (21004), the appId is refused (21002).
+    gw.store.revoke_terminal("WIN-01", now()).unwrap();
+    let (_, a) = post_to(
+        &base,
+        "getHealthCardByQRCode",
+        &envelope(&token, &rid(4), json!({"qrCodeText": qr}), &t.secret),
+    )
+    .await;
+    assert_eq!(code(&a), 21004, "{a}");
+    let (_, a) = post_to(&base, "getAppToken", &token_req(&t.secret, now())).await;
+    assert_eq!(code(&a), 21002, "{a}");
+    // The platform saw one account: one getAppToken, none of the
+    // terminal's signatures.
+    assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "21006").await, 0);
+    gw.stop().await;
+}
+
+/// A terminal's new token revokes only its own old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminals_new_token_revokes_only_its_own() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&sim, dir.path(), "").await;
+    let base = gw.base_url();
+    let a = gw.store.add_terminal("A", now()).unwrap();
+    let b = gw.store.add_terminal("B", now()).unwrap();
+    let get = |t: &ehc_agent::gateway::store::Terminal, n| {
+        envelope("", &rid(n), json!({"appId": t.app_id}), &t.secret)
+    };
+    let tok = |v: &Value| v["rsp"]["appToken"].as_str().unwrap().to_owned();
+    let a1 = tok(&post_to(&base, "getAppToken", &get(&a, 1)).await.1);
+    let b1 = tok(&post_to(&base, "getAppToken", &get(&b, 2)).await.1);
+    let a2 = tok(&post_to(&base, "getAppToken", &get(&a, 3)).await.1);
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let use_token = |tok: &str, t: &ehc_agent::gateway::store::Terminal, n| {
+        envelope(tok, &rid(n), json!({"qrCodeText": qr}), &t.secret)
+    };
+    assert_eq!(
+        code(
+            &post_to(&base, "getHealthCardByQRCode", &use_token(&a1, &a, 10))
+                .await
+                .1
+        ),
+        21004
+    );
+    assert_eq!(
+        code(
+            &post_to(&base, "getHealthCardByQRCode", &use_token(&a2, &a, 11))
+                .await
+                .1
+        ),
+        0
+    );
+    assert_eq!(
+        code(
+            &post_to(&base, "getHealthCardByQRCode", &use_token(&b1, &b, 12))
+                .await
+                .1
+        ),
+        0
+    );
+    gw.stop().await;
+}
+
+/// The hospital's daily budget per interface is counted by the gateway,
+/// which answers 10034 itself once it is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_budget_is_the_hospitals() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&sim, dir.path(), "daily_budget = 2").await;
+    let base = gw.base_url();
+    let mut tokens = Vec::new();
+    for name in ["A", "B"] {
+        let t = gw.store.add_terminal(name, now()).unwrap();
+        let a = post_to(
+            &base,
+            "getAppToken",
+            &envelope("", &rid(1), json!({"appId": t.app_id}), &t.secret),
+        )
+        .await
+        .1;
+        tokens.push((t, a["rsp"]["appToken"].as_str().unwrap().to_owned()));
+    }
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let mut codes = Vec::new();
+    for i in 0..3 {
+        let (t, tok) = &tokens[i % 2];
+        let e = envelope(tok, &rid(10 + i as u32), report(&qr), &t.secret);
+        codes.push(code(&post_to(&base, "reportHISData", &e).await.1));
+    }
+    assert_eq!(codes, [0, 0, 10034], "two terminals share one budget");
+    assert_eq!(
+        calls(&sim, "reportHISData", "0").await,
+        2,
+        "the third never left"
+    );
+    gw.stop().await;
+}
+
+/// Ten real agents behind one gateway, against a platform whose tokens live
+/// 10 s: scans at every window for 25 s. The platform sees one getAppToken
+/// per token lifetime (not one per agent, not a revocation storm), and every
+/// card HIS saw is reported exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_agents_behind_one_gateway_share_one_token() {
+    let sim = sim_with(SimConfig {
+        token_ttl_s: 10,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&sim, dir.path(), "").await;
+    let mut agents = Vec::new();
+    for i in 0..10 {
+        let t = gw
+            .store
+            .add_terminal(&format!("WIN-{i:02}"), now())
+            .unwrap();
+        let opts = Options {
+            base_url: Some(gw.base_url()),
+            account: Some((t.app_id.clone(), t.secret.clone())),
+            ..Options::default()
+        };
+        let d = Daemon::start_with(&sim, opts).await;
+        let his = HisClient::unix(&d).await;
+        agents.push((d, his));
+    }
+    let started = std::time::Instant::now();
+    let mut delivered = Vec::new();
+    let mut round = 0;
+    while started.elapsed() < std::time::Duration::from_secs(25) {
+        for (i, (d, his)) in agents.iter_mut().enumerate() {
+            d.scan(&sim.with_state(|s| s.static_code((round + i) % 3)).unwrap());
+            let m = his.next_of(&["card", "scanFailed"]).await;
+            assert_eq!(m["type"], "card", "agent {i}: {m}");
+            assert_eq!(m["verified"], true, "agent {i}: {m}");
+            delivered.push(m["scanId"].as_str().unwrap().to_owned());
+        }
+        round += 1;
+    }
+    let n = delivered.len() as u64;
+    let st = until_sim(&sim, "every use reported", |s| s["uniqueReports"] == n).await;
+    let elapsed = started.elapsed().as_secs();
+    let token_calls = calls(&sim, "getAppToken", "0").await;
+    // A 10 s token is refreshed in its last fifth: one per 8 s, plus the
+    // first, plus one of slack for the moment the test started.
+    let most = elapsed / 8 + 2;
+    eprintln!("ten agents, {n} scans in {elapsed} s: {token_calls} getAppToken upstream");
+    assert!(
+        token_calls <= most,
+        "{token_calls} getAppToken in {elapsed} s (at most {most}); calls: {}",
+        st["calls"]
+    );
+    assert_eq!(st["duplicates"], 0, "{st}");
+    for (d, _) in agents {
+        let log = d.log();
+        assert!(
+            !log.contains("reason=Rejected"),
+            "a terminal saw its token rejected:\n{log}"
+        );
+        let (status, log, _) = d.stop();
+        assert!(status.success(), "{log}");
+    }
+    gw.stop().await;
+}
+
+/// An agent listing two gateways uses the second when the first cannot be
+/// reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_to_the_next_gateway() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&sim, dir.path(), "").await;
+    let t = gw.store.add_terminal("WIN-FO", now()).unwrap();
+    // An address nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let opts = Options {
+        platform_addr_line: Some(format!(
+            "base_urls = [\"{dead_url}\", \"{}\"]",
+            gw.base_url()
+        )),
+        account: Some((t.app_id.clone(), t.secret.clone())),
+        ..Options::default()
+    };
+    let mut d = Daemon::start_with(&sim, opts).await;
+    let mut his = HisClient::unix(&d).await;
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    let m = his.next_of(&["card", "scanFailed"]).await;
+    assert_eq!(
+        (m["type"].as_str(), m["verified"].as_bool()),
+        (Some("card"), Some(true)),
+        "{m}"
+    );
+    d.wait_log("cannot connect; trying the next address", 1);
+    gw.stop().await;
+}
