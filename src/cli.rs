@@ -191,6 +191,24 @@ pub enum GatewayAction {
         #[arg(long)]
         json: bool,
     },
+    /// Make a hospital CA and the gateway's TLS certificate.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Write ca.pem, ca.key, server.pem, server.key into DIR; print the CA for the terminals' ca_file.
+    Init {
+        /// Where to write them (default: /etc/ehc-agent/gateway-tls).
+        #[arg(long, default_value = "/etc/ehc-agent/gateway-tls")]
+        dir: PathBuf,
+        /// The gateway's DNS names and IP addresses as terminals reach it (repeat).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

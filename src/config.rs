@@ -463,6 +463,15 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         }
     };
 
+    // `base_url` is optional to serde (`base_urls` may stand instead), so
+    // its absence is noticed here, whatever else the section lacks.
+    let no_base_url = doc
+        .get("platform")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|t| !t.contains_key("base_url") && !t.contains_key("base_urls"));
+    if no_base_url {
+        v.problem("platform.base_url", "missing required key".into());
+    }
     let platform: Option<PlatformSection> = v.section(&mut doc, "platform", true);
     let terminal: Option<TerminalSection> = v.section(&mut doc, "terminal", true);
     let his: HisSection = v.section(&mut doc, "his", false).unwrap_or_default();
@@ -487,7 +496,8 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
     let mut platform = platform;
     if let Some(p) = platform.as_mut() {
         match (p.base_url.is_empty(), p.base_urls.is_empty()) {
-            (true, true) => v.problem("platform.base_url", "missing required key".into()),
+            (true, true) if no_base_url => {}
+            (true, true) => v.problem("platform.base_url", "must not be empty".into()),
             (false, false) => v.problem(
                 "platform.base_urls",
                 "give base_url or base_urls, not both".into(),

@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use crate::cli::{GatewayAction, GatewayArgs, TerminalAction};
+use crate::cli::{GatewayAction, GatewayArgs, TerminalAction, TlsAction};
 use crate::clock;
 use crate::config::Env;
 use crate::gateway::config::{self, GatewayConfig, GatewayConfigError};
@@ -15,6 +15,13 @@ use crate::gateway::store::GatewayStore;
 use super::{runtime, EXIT_USAGE};
 
 pub fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    // Certificates come before there is a configuration to point at them.
+    if let GatewayAction::Tls {
+        action: TlsAction::Init { dir, names },
+    } = &a.action
+    {
+        return tls_init(dir, names);
+    }
     let cfg = match config::load(a.config.as_deref(), &Env::from_process()) {
         Ok(c) => c,
         Err(e @ GatewayConfigError::Invalid { .. }) | Err(e @ GatewayConfigError::Read { .. }) => {
@@ -29,6 +36,25 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         }
         GatewayAction::Terminal { action } => terminal(&cfg, action),
         GatewayAction::Status { json } => status(&cfg, json),
+        GatewayAction::Tls { .. } => unreachable!("handled above"),
+    }
+}
+
+fn tls_init(dir: &std::path::Path, names: &[String]) -> anyhow::Result<ExitCode> {
+    match crate::gateway::tls::init(dir, names) {
+        Ok(f) => {
+            println!("# in gateway.toml, [gateway]:");
+            println!("tls_cert = \"{}\"", f.cert.display());
+            println!("tls_key = \"{}\"", f.key.display());
+            println!("# the CA key {} stays here (mode 0600); copy this CA to each terminal as /etc/ehc-agent/gateway-ca.pem", f.ca_key.display());
+            println!("# and set [platform] ca_file = \"/etc/ehc-agent/gateway-ca.pem\" there:");
+            print!("{}", std::fs::read_to_string(&f.ca_cert)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("ehc-agent gateway tls init: {e}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
     }
 }
 

@@ -51,6 +51,11 @@ struct GatewaySection {
     daily_budget: Option<u64>,
     #[serde(default = "default_skew")]
     max_skew_s: u64,
+    /// Serve TLS with this certificate chain and key (`gateway tls init`).
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
 }
 
 fn default_ttl() -> u64 {
@@ -95,6 +100,8 @@ pub struct GatewayConfig {
     pub token_ttl_s: u64,
     pub daily_budget: Option<u64>,
     pub max_skew_s: u64,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub hospital_id: String,
     pub upstream: ClientSettings,
 }
@@ -163,12 +170,36 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
         }
     };
     let g = &file.gateway;
+    let tls = match (&g.tls_cert, &g.tls_key) {
+        (Some(c), Some(k)) => {
+            for (key, p) in [("gateway.tls_cert", c), ("gateway.tls_key", k)] {
+                if !resolve(p).is_file() {
+                    problem(
+                        key,
+                        format!(
+                            "{}: no such file (`ehc-agent gateway tls init` makes them)",
+                            resolve(p).display()
+                        ),
+                    );
+                }
+            }
+            true
+        }
+        (None, None) => false,
+        _ => {
+            problem(
+                "gateway.tls_cert",
+                "give both tls_cert and tls_key, or neither".into(),
+            );
+            false
+        }
+    };
     let listen = match g.listen.parse::<SocketAddr>() {
-        Ok(a) if a.ip().is_loopback() => Some(a),
-        // Terminals' secrets' tokens and patients' identities would cross
+        Ok(a) if a.ip().is_loopback() || tls => Some(a),
+        // Terminal tokens, signatures and patients' identities would cross
         // the network in clear text.
         Ok(_) => {
-            problem("gateway.listen", format!("`{}`: this gateway serves plain HTTP, so only on a loopback address; put a TLS-terminating proxy in front for other machines (docs/gateway.md)", g.listen));
+            problem("gateway.listen", format!("`{}`: plain HTTP is served only on a loopback address; set tls_cert and tls_key for other machines (`ehc-agent gateway tls init`, docs/gateway.md)", g.listen));
             None
         }
         Err(_) => {
@@ -241,7 +272,9 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
         public_url: g
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{listen}")),
+            .unwrap_or_else(|| format!("{}://{listen}", if tls { "https" } else { "http" })),
+        tls_cert: g.tls_cert.as_deref().map(resolve),
+        tls_key: g.tls_key.as_deref().map(resolve),
         token_ttl_s: g.token_ttl_s,
         daily_budget: g.daily_budget,
         max_skew_s: g.max_skew_s,

@@ -8,7 +8,7 @@
 //! agent changes only `base_url`, `app_id` and its secret) and is the
 //! platform's only client upstream.
 //!
-//! * [`config`]: `gateway.toml`.
+//! * [`config`]: the `gateway.toml` file.
 //! * [`store`]: enrolled terminals and their secrets, the tokens the gateway
 //!   gave them, calls per interface per Beijing day.
 //! * [`server`]: the platform's paths: terminals' checks, answered as the
@@ -22,6 +22,7 @@
 pub mod config;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub enum GatewayError {
     Store(#[from] store::GatewayStoreError),
     #[error(transparent)]
     Client(#[from] crate::platform::client::BuildError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -51,6 +54,7 @@ pub enum GatewayError {
 /// A running gateway.
 pub struct RunningGateway {
     pub addr: SocketAddr,
+    scheme: &'static str,
     pub upstream: Client,
     pub store: Arc<GatewayStore>,
     stop: CancellationToken,
@@ -61,6 +65,7 @@ impl RunningGateway {
     /// Open the store, bind, and serve until [`RunningGateway::stop`].
     pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         let store = Arc::new(GatewayStore::open(&cfg.store_path())?);
+        let cfg_listen = cfg.listen;
         let upstream = Client::new(cfg.upstream.clone())?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -75,6 +80,11 @@ impl RunningGateway {
                 source,
             })?;
         let stop = CancellationToken::new();
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(c), Some(k)) => Some(tls::acceptor(c, k)?),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let gw = Arc::new(server::Gateway {
             cfg,
             store: store.clone(),
@@ -84,18 +94,37 @@ impl RunningGateway {
         let (s1, s2) = (stop.clone(), stop.clone());
         let refresher = upstream.clone();
         tokio::spawn(async move { keep_token_fresh(refresher, s2).await });
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { s1.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "gateway server stopped");
+        let task = match tls {
+            None => tokio::spawn(async move {
+                let serve = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<tls::Peer>(),
+                )
+                .with_graceful_shutdown(async move { s1.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "gateway server stopped");
+                }
+            }),
+            Some(acceptor) => {
+                let l = tls::TlsListener::new(listener, acceptor).map_err(|source| {
+                    GatewayError::Listen {
+                        addr: cfg_listen,
+                        source,
+                    }
+                })?;
+                tokio::spawn(async move {
+                    let serve =
+                        axum::serve(l, app.into_make_service_with_connect_info::<tls::Peer>())
+                            .with_graceful_shutdown(async move { s1.cancelled().await });
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "gateway server stopped");
+                    }
+                })
             }
-        });
-        tracing::info!(listen = %addr, "ehc-agent gateway running");
+        };
+        tracing::info!(listen = %addr, scheme, "ehc-agent gateway running");
         Ok(RunningGateway {
+            scheme,
             addr,
             upstream,
             store,
@@ -106,7 +135,7 @@ impl RunningGateway {
 
     /// What terminals put in `base_url`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub async fn stop(self) {

@@ -49,7 +49,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             path,
             post(
                 move |State(gw): State<Arc<Gateway>>,
-                      ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                      ConnectInfo(super::tls::Peer(peer)): ConnectInfo<super::tls::Peer>,
                       body: Bytes| async move {
                     handle(gw, name, path, peer, body).await
                 },

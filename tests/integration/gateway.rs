@@ -285,3 +285,80 @@ async fn an_agent_fails_over_to_the_next_gateway() {
     d.wait_log("cannot connect; trying the next address", 1);
     gw.stop().await;
 }
+
+/// TLS towards the terminals: `gateway tls init` makes a hospital CA and a
+/// certificate; an agent that trusts the CA (its `ca_file`) works through
+/// the gateway over HTTPS; one that does not is refused at the handshake
+/// (a certificate it cannot verify is "unavailable", never "trusted").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_reach_the_gateway_over_tls_with_the_hospital_ca() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    let out = agent()
+        .args(["gateway", "tls", "init", "--dir"])
+        .arg(&tls_dir)
+        .args(["--name", "127.0.0.1", "--name", "localhost"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("BEGIN CERTIFICATE") && printed.contains("tls_cert = "),
+        "{printed}"
+    );
+    let gw = gateway(
+        &sim,
+        dir.path(),
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            tls_dir.join("server.pem").display(),
+            tls_dir.join("server.key").display()
+        ),
+    )
+    .await;
+    assert!(gw.base_url().starts_with("https://"), "{}", gw.base_url());
+    let t = gw.store.add_terminal("WIN-TLS", now()).unwrap();
+    let with_ca = Options {
+        platform_addr_line: Some(format!(
+            "base_url = \"{}\"\nca_file = \"{}\"",
+            gw.base_url(),
+            tls_dir.join("ca.pem").display()
+        )),
+        account: Some((t.app_id.clone(), t.secret.clone())),
+        ..Options::default()
+    };
+    let mut d = Daemon::start_with(&sim, with_ca).await;
+    let mut his = HisClient::unix(&d).await;
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    let m = his.next_of(&["card", "scanFailed"]).await;
+    assert_eq!(
+        (m["type"].as_str(), m["verified"].as_bool()),
+        (Some("card"), Some(true)),
+        "{m}"
+    );
+
+    let without_ca = Options {
+        base_url: Some(gw.base_url()),
+        account: Some((t.app_id.clone(), t.secret.clone())),
+        ..Options::default()
+    };
+    let mut d2 = Daemon::start_with(&sim, without_ca).await;
+    let mut his2 = HisClient::unix(&d2).await;
+    d2.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
+    let m = his2.next_of(&["card", "scanFailed"]).await;
+    assert!(
+        m["verified"] == false,
+        "an unverified server was trusted: {m}"
+    );
+    assert!(
+        d2.log().contains("certificate") || d2.log().contains("Certificate"),
+        "{}",
+        d2.log()
+    );
+    gw.stop().await;
+}
