@@ -315,6 +315,7 @@ fn row(qr: &str) -> NewRow {
 fn client_settings(sim: &SimServer) -> ClientSettings {
     ClientSettings {
         fallback_urls: Vec::new(),
+        shared: None,
         base_url: sim.base_url(),
         app_id: ehc_agent::sim::config::DEFAULT_APP_ID.into(),
         hospital_id: ehc_agent::sim::config::DEFAULT_HOSPITAL_ID.into(),

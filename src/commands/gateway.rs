@@ -10,7 +10,6 @@ use crate::cli::{GatewayAction, GatewayArgs, TerminalAction, TlsAction};
 use crate::clock;
 use crate::config::Env;
 use crate::gateway::config::{self, GatewayConfig, GatewayConfigError};
-use crate::gateway::store::GatewayStore;
 
 use super::{runtime, EXIT_USAGE};
 
@@ -59,7 +58,7 @@ fn tls_init(dir: &std::path::Path, names: &[String]) -> anyhow::Result<ExitCode>
 }
 
 fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitCode> {
-    let store = GatewayStore::open(&cfg.store_path())?;
+    let store = crate::gateway::open_store(cfg)?;
     match action {
         TerminalAction::Add { name, secret_file } => {
             let t = match store.add_terminal(&name, clock::now_unix()) {
@@ -149,7 +148,7 @@ fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitC
 
 fn status(cfg: &GatewayConfig, json: bool) -> anyhow::Result<ExitCode> {
     use crate::platform::token::{Identity, TokenStore};
-    let store = GatewayStore::open(&cfg.store_path())?;
+    let store = crate::gateway::open_store(cfg)?;
     let now = clock::now_unix();
     let day = clock::day_number(now, clock::BEIJING);
     let used = store.budget_used(day)?;

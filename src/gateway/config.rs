@@ -56,6 +56,15 @@ struct GatewaySection {
     tls_cert: Option<PathBuf>,
     #[serde(default)]
     tls_key: Option<PathBuf>,
+    /// Two or more gateways: the shared store (`redis://host:port/db`).
+    #[serde(default)]
+    redis_url: Option<String>,
+    #[serde(default = "default_prefix")]
+    redis_prefix: String,
+}
+
+fn default_prefix() -> String {
+    "ehc-gateway:".into()
 }
 
 fn default_ttl() -> u64 {
@@ -102,6 +111,7 @@ pub struct GatewayConfig {
     pub max_skew_s: u64,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub redis: Option<(String, String)>,
     pub hospital_id: String,
     pub upstream: ClientSettings,
 }
@@ -213,6 +223,11 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
     if g.token_ttl_s < 120 {
         problem("gateway.token_ttl_s", "at least 120 s".into());
     }
+    if let Some(u) = &g.redis_url {
+        if redis::Client::open(u.as_str()).is_err() {
+            problem("gateway.redis_url", format!("`{u}` is not a redis:// URL"));
+        }
+    }
     if g.daily_budget == Some(0) {
         problem("gateway.daily_budget", "must be greater than 0".into());
     }
@@ -275,6 +290,10 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
             .unwrap_or_else(|| format!("{}://{listen}", if tls { "https" } else { "http" })),
         tls_cert: g.tls_cert.as_deref().map(resolve),
         tls_key: g.tls_key.as_deref().map(resolve),
+        redis: g
+            .redis_url
+            .clone()
+            .map(|u| (u, g.redis_prefix.clone())),
         token_ttl_s: g.token_ttl_s,
         daily_budget: g.daily_budget,
         max_skew_s: g.max_skew_s,
@@ -290,6 +309,7 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
             proxy: u.proxy.clone(),
             ca_file: u.ca_file.as_deref().map(resolve),
             state_path: Some(state_dir.join("upstream.sqlite")),
+            shared: None,
         },
         state_dir,
     })

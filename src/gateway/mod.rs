@@ -10,7 +10,9 @@
 //!
 //! * [`config`]: the `gateway.toml` file.
 //! * [`store`]: enrolled terminals and their secrets, the tokens the gateway
-//!   gave them, calls per interface per Beijing day.
+//!   gave them, calls per interface per Beijing day: in a SQLite file (one
+//!   gateway) or in Redis ([`redis`], several gateways, which then also
+//!   share the upstream token under a lease with compare-and-set).
 //! * [`server`]: the platform's paths: terminals' checks, answered as the
 //!   platform would ([`crate::platform::serve`], shared with the simulator),
 //!   then forwarding with the hospital's account ([`crate::platform::Client`],
@@ -20,6 +22,7 @@
 //! no forwarded scan pays for getAppToken.
 
 pub mod config;
+pub mod redis;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -61,12 +64,34 @@ pub struct RunningGateway {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The store the configuration asks for.
+pub fn open_store(cfg: &GatewayConfig) -> Result<GatewayStore, store::GatewayStoreError> {
+    Ok(match &cfg.redis {
+        Some((url, prefix)) => GatewayStore::Redis(redis::RedisStore::new(url, prefix)?),
+        None => GatewayStore::Sqlite(store::SqliteStore::open(&cfg.store_path())?),
+    })
+}
+
+/// This gateway's name in the shared store: host, process and port.
+fn holder_name(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "gateway".into());
+    format!("{host}:{}:{}", std::process::id(), listen.port())
+}
+
 impl RunningGateway {
     /// Open the store, bind, and serve until [`RunningGateway::stop`].
     pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
-        let store = Arc::new(GatewayStore::open(&cfg.store_path())?);
+        let store = Arc::new(open_store(&cfg)?);
         let cfg_listen = cfg.listen;
-        let upstream = Client::new(cfg.upstream.clone())?;
+        let mut upstream_settings = cfg.upstream.clone();
+        if let Some((url, prefix)) = &cfg.redis {
+            let shared: Arc<dyn crate::platform::token::SharedTokens> =
+                Arc::new(redis::RedisStore::new(url, prefix)?);
+            upstream_settings.shared = Some((shared, holder_name(cfg.listen)));
+        }
+        let upstream = Client::new(upstream_settings)?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| GatewayError::Listen {

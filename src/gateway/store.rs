@@ -62,6 +62,73 @@ pub enum GatewayStoreError {
     NoSuchTerminal(String),
     #[error("terminal names are letters, digits, `-`, `_` and `.`, 1 to 64 of them: `{0}`")]
     BadName(String),
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// Where the gateway keeps terminals, their tokens and the budget: its own
+/// SQLite file (one gateway), or Redis shared by several (high
+/// availability; [`super::redis`]).
+pub enum GatewayStore {
+    Sqlite(SqliteStore),
+    Redis(super::redis::RedisStore),
+}
+
+macro_rules! delegate {
+    ($( $(#[$m:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+        impl GatewayStore {
+            $( $(#[$m])* pub fn $name(&self $(, $arg: $ty)*) -> $ret {
+                match self {
+                    GatewayStore::Sqlite(s) => s.$name($($arg),*),
+                    GatewayStore::Redis(r) => r.$name($($arg),*),
+                }
+            } )*
+        }
+    };
+}
+
+delegate! {
+    /// Enrol a terminal: a fresh appId and secret of its own.
+    fn add_terminal(&self, name: &str, now: i64) -> Result<Terminal, GatewayStoreError>;
+    /// Revoke a terminal: its tokens stop working at once, its appId gets
+    /// 21002 from now on.
+    fn revoke_terminal(&self, name: &str, now: i64) -> Result<(), GatewayStoreError>;
+    fn terminals(&self) -> Result<Vec<Terminal>, GatewayStoreError>;
+    fn terminal_by_app_id(&self, app_id: &str) -> Result<Option<Terminal>, GatewayStoreError>;
+    fn terminal(&self, name: &str) -> Result<Option<Terminal>, GatewayStoreError>;
+    /// Record a new token for a terminal; its earlier tokens stop working.
+    fn issue_token(&self, t: &IssuedToken) -> Result<(), GatewayStoreError>;
+    fn token(&self, token: &str) -> Result<Option<IssuedToken>, GatewayStoreError>;
+    fn seen(&self, terminal: &str, now: i64, peer: &str) -> Result<(), GatewayStoreError>;
+    /// Count one call of `api` on Beijing day `day`, unless that would pass
+    /// `limit`: the calls counted that day, or `None` when spent.
+    fn take_budget(&self, api: &str, day: i64, limit: Option<u64>) -> Result<Option<u64>, GatewayStoreError>;
+    fn budget_used(&self, day: i64) -> Result<Vec<(String, u64)>, GatewayStoreError>;
+}
+
+/// A new terminal's appId and secret (the same for either store).
+pub(crate) fn new_terminal(name: &str, now: i64) -> Result<Terminal, GatewayStoreError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(GatewayStoreError::BadName(name.into()));
+    }
+    let mut rng = rand::rng();
+    let id: [u8; 8] = rng.random();
+    let secret: [u8; 24] = rng.random();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    Ok(Terminal {
+        name: name.into(),
+        app_id: format!("gw-{}-{}", name, hex(&id)),
+        secret: hex(&secret),
+        created_at: now,
+        revoked_at: None,
+        last_seen: None,
+        last_peer: None,
+    })
 }
 
 /// An enrolled terminal.
@@ -87,13 +154,13 @@ pub struct IssuedToken {
     pub expires_at: i64,
 }
 
-pub struct GatewayStore {
+pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
 }
 
-impl GatewayStore {
-    pub fn open(path: &Path) -> Result<GatewayStore, GatewayStoreError> {
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, GatewayStoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| GatewayStoreError::Io {
                 path: path.to_owned(),
@@ -119,7 +186,7 @@ impl GatewayStore {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(GatewayStore {
+        Ok(SqliteStore {
             path: path.to_owned(),
             conn: Mutex::new(conn),
         })
@@ -138,27 +205,7 @@ impl GatewayStore {
 
     /// Enrol a terminal: a fresh appId and secret of its own.
     pub fn add_terminal(&self, name: &str, now: i64) -> Result<Terminal, GatewayStoreError> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(GatewayStoreError::BadName(name.into()));
-        }
-        let mut rng = rand::rng();
-        let id: [u8; 8] = rng.random();
-        let secret: [u8; 24] = rng.random();
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let t = Terminal {
-            name: name.into(),
-            app_id: format!("gw-{}-{}", name, hex(&id)),
-            secret: hex(&secret),
-            created_at: now,
-            revoked_at: None,
-            last_seen: None,
-            last_peer: None,
-        };
+        let t = new_terminal(name, now)?;
         let c = self.conn();
         let exists: Option<String> = c
             .query_row(
@@ -344,7 +391,7 @@ mod tests {
     #[test]
     fn terminals_tokens_and_budget() {
         let d = tempfile::tempdir().unwrap();
-        let s = GatewayStore::open(&d.path().join("g.sqlite")).unwrap();
+        let s = GatewayStore::Sqlite(SqliteStore::open(&d.path().join("g.sqlite")).unwrap());
         let a = s.add_terminal("WIN-01", 1).unwrap();
         assert!(matches!(
             s.add_terminal("WIN-01", 2),

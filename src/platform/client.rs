@@ -36,7 +36,9 @@ use serde_json::{Map, Value};
 use super::api::{self, Api, GetAppToken, ResponseError, MAX_BODY};
 use super::error::{classify, Class};
 use super::sign;
-use super::token::{Identity, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL};
+use super::token::{
+    Identity, SharedTokens, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL,
+};
 use crate::clock;
 use crate::config::{Config, Secret};
 
@@ -143,6 +145,9 @@ pub struct ClientSettings {
     pub ca_file: Option<PathBuf>,
     /// `None`: keep the token in memory only.
     pub state_path: Option<PathBuf>,
+    /// A token store shared with other holders of the appId (the
+    /// gateways' Redis), and this process's name in it.
+    pub shared: Option<(Arc<dyn SharedTokens>, String)>,
 }
 
 impl ClientSettings {
@@ -158,6 +163,7 @@ impl ClientSettings {
             proxy: c.platform.proxy.clone(),
             ca_file: c.platform.ca_file.clone(),
             state_path: Some(c.state_path.clone()),
+            shared: None,
         }
     }
 }
@@ -177,6 +183,9 @@ pub enum BuildError {
 /// Counters a status screen or metrics can read.
 #[derive(Debug, Default)]
 pub struct ClientStats {
+    /// Set while the shared token store cannot be reached (the token in
+    /// memory is used meanwhile).
+    pub shared_down: std::sync::atomic::AtomicBool,
     pub token_fetches: AtomicI64,
     pub last_token_at: AtomicI64,
     /// 21003/21004 answers to a token of ours that had not expired: someone
@@ -403,6 +412,89 @@ impl Client {
         }
     }
 
+    fn shared(&self) -> Option<(Arc<dyn SharedTokens>, String)> {
+        self.inner.settings.shared.clone()
+    }
+
+    /// Make `t` (from the shared store) the current token.
+    fn adopt(&self, t: Token) -> Token {
+        if let Err(e) = self.inner.tokens.adopt(&t) {
+            tracing::error!(error = %e, "the shared app token could not be saved locally");
+        }
+        t
+    }
+
+    fn shared_unreachable(&self, e: &str) {
+        if !self.inner.stats.shared_down.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "the shared token store cannot be reached; serving with the token in memory");
+        }
+    }
+
+    fn shared_ok(&self) {
+        if self.inner.stats.shared_down.swap(false, Ordering::Relaxed) {
+            tracing::warn!("the shared token store is reachable again");
+        }
+    }
+
+    /// The shared store's token: `Some(found)`, or `None` if it cannot be
+    /// reached.
+    async fn shared_load(&self, sh: &(Arc<dyn SharedTokens>, String)) -> Option<Option<Token>> {
+        let s = sh.0.clone();
+        match tokio::task::spawn_blocking(move || s.load()).await {
+            Ok(Ok(t)) => {
+                self.shared_ok();
+                Some(t)
+            }
+            Ok(Err(e)) => {
+                self.shared_unreachable(&e);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn shared_release(&self) {
+        if let Some((s, holder)) = self.shared() {
+            let _ = tokio::task::spawn_blocking(move || s.release(&holder)).await;
+        }
+    }
+
+    /// Take the refresh lease, or wait (up to twice `timeout`) for the
+    /// holder's new token. A holder that died lets its lease expire.
+    async fn lease_or_wait(
+        &self,
+        sh: &(Arc<dyn SharedTokens>, String),
+        expected: u64,
+        timeout: Duration,
+    ) -> Lease {
+        let ttl_ms = (timeout.as_millis() as u64).saturating_mul(2).max(1000);
+        let deadline = tokio::time::Instant::now() + timeout * 2;
+        loop {
+            let (s, holder) = sh.clone();
+            match tokio::task::spawn_blocking(move || s.lease(&holder, ttl_ms)).await {
+                Ok(Ok(true)) => return Lease::Ours,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    self.shared_unreachable(&e);
+                    return Lease::Unavailable;
+                }
+                Err(_) => return Lease::Unavailable,
+            }
+            // Another gateway is refreshing: its token will be stored.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(Some(t)) = self.shared_load(sh).await {
+                if t.generation > expected {
+                    return Lease::Theirs(t);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // Its lease outlives our patience: a refresh of ours now
+                // would revoke the token it is about to store.
+                return Lease::Waited;
+            }
+        }
+    }
+
     /// The wait before another refresh caused by a rejection: 2 s, doubling
     /// with each rejected refresh in a row, at most 5 minutes.
     fn rejected_refresh_wait(&self) -> i64 {
@@ -422,6 +514,18 @@ impl Client {
         if let Some(t) = self.inner.tokens.current() {
             if t.generation > seen && t.fresh_at(now) {
                 return Ok(t);
+            }
+        }
+        // Another holder of the appId may have refreshed already: never ask
+        // for a token while a newer one is in the shared store.
+        let mut shared_gen = None;
+        if let Some(sh) = self.shared() {
+            match self.shared_load(&sh).await {
+                Some(Some(t)) if t.generation > seen && t.fresh_at(now) => {
+                    return Ok(self.adopt(t));
+                }
+                Some(found) => shared_gen = Some(found.map(|t| t.generation).unwrap_or(0)),
+                None => {}
             }
         }
         if let Reason::Rejected(code) = reason {
@@ -449,15 +553,58 @@ impl Client {
         // Nobody may be waiting for this call any more; it gets the patient
         // (upload) timeout so a slow answer still lands.
         let timeout = self.inner.settings.upload_timeout;
-        let rsp = self
+        // With a shared store, one holder at a time refreshes: the others
+        // wait for its token instead of revoking it with their own.
+        let mut leased = false;
+        if let (Some(sh), Some(expected)) = (self.shared(), shared_gen) {
+            match self.lease_or_wait(&sh, expected, timeout).await {
+                Lease::Ours => leased = true,
+                Lease::Theirs(t) => return Ok(self.adopt(t)),
+                Lease::Unavailable => {}
+                Lease::Waited => {
+                    return Err(CallError::Unreachable(
+                        "another gateway is refreshing the app token; try again".into(),
+                    ))
+                }
+            }
+        }
+        let fetched = self
             .send::<GetAppToken>(&req, &new_request_id(), "", timeout)
-            .await?;
-        let (tok, saved) =
+            .await;
+        let rsp = match fetched {
+            Ok(r) => r,
+            Err(e) => {
+                if leased {
+                    self.shared_release().await;
+                }
+                return Err(e);
+            }
+        };
+        let (mut tok, saved) =
             self.inner
                 .tokens
                 .install(rsp.app_token, rsp.expires_in, clock::now_unix());
         if let Err(e) = saved {
             tracing::error!(error = %e, "the new app token could not be saved (it is in use from memory; a restart will fetch another)");
+        }
+        if let (Some((store, holder)), Some(expected)) = (self.shared(), shared_gen) {
+            let ours = tok.clone();
+            let stored =
+                tokio::task::spawn_blocking(move || store.store_if(expected, &ours, &holder))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+            match stored {
+                Ok(winner) => {
+                    if winner.value != tok.value {
+                        tracing::warn!(generation = winner.generation, "a newer token was stored by another gateway while ours was on its way; ours is dropped");
+                    }
+                    tok = self.adopt(winner);
+                }
+                Err(e) => self.shared_unreachable(&e),
+            }
+            if leased {
+                self.shared_release().await;
+            }
         }
         self.inner
             .stats
@@ -660,6 +807,18 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, CallError> 
     Ok(buf)
 }
 
+/// What [`Client::lease_or_wait`] came to.
+enum Lease {
+    /// We refresh.
+    Ours,
+    /// Another holder refreshed: its token.
+    Theirs(Token),
+    /// The store cannot be reached: refresh on our own.
+    Unavailable,
+    /// Another holder has been refreshing for too long: give up this time.
+    Waited,
+}
+
 /// Longest wait between refreshes after repeated rejections.
 const MAX_REFRESH_BACKOFF_S: i64 = 300;
 
@@ -719,6 +878,7 @@ mod tests {
             proxy: None,
             ca_file: None,
             state_path: None,
+            shared: None,
         })
         .unwrap();
         let waits: Vec<i64> = (0..12)

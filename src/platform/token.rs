@@ -50,6 +50,26 @@ impl Token {
     }
 }
 
+/// A token store shared by several processes holding one appId (the
+/// gateways of one hospital, DESIGN §5a). The client consults it around
+/// every refresh: it re-reads it first (another process may have a newer
+/// token), takes a lease so that only one process calls getAppToken, and
+/// stores the new token only if the generation it started from is still
+/// the stored one, so a late answer never overwrites a newer token.
+/// Synchronous: called on the blocking pool.
+pub trait SharedTokens: Send + Sync + std::fmt::Debug {
+    /// The stored token, if any.
+    fn load(&self) -> Result<Option<Token>, String>;
+    /// Take the refresh lease for `ttl_ms`; `false` when another holds it.
+    fn lease(&self, holder: &str, ttl_ms: u64) -> Result<bool, String>;
+    /// Give the lease back, if `holder` still has it.
+    fn release(&self, holder: &str) -> Result<(), String>;
+    /// Store `token` as generation `expected + 1` if the stored generation
+    /// is still `expected`. Returns what is stored afterwards: ours, or the
+    /// newer one that won.
+    fn store_if(&self, expected: u64, token: &Token, holder: &str) -> Result<Token, String>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("token state database {path}: {source}")]
@@ -165,25 +185,15 @@ impl TokenStore {
 
     /// Store a new token (committed to disk before returning) and make it
     /// current. Returns it with its generation.
-    /// Make a new token current, then save it. It is current in memory
-    /// whatever the save does: getAppToken has already revoked the old one,
-    /// so throwing the new one away (full disk) would make every call fail.
-    /// The save's error is returned beside it for the caller to report.
-    pub fn install(
-        &self,
-        value: String,
-        expires_in: u64,
-        now: i64,
-    ) -> (Token, Result<(), StoreError>) {
-        let generation = self.current().map(|t| t.generation).unwrap_or(0) + 1;
-        let tok = Token {
-            value,
-            expires_at: now.saturating_add(expires_in.min(i64::MAX as u64) as i64),
-            obtained_at: now,
-            generation,
-        };
+    /// Make a token obtained elsewhere (a shared store) current, with its
+    /// generation, and save it.
+    pub fn adopt(&self, tok: &Token) -> Result<(), StoreError> {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(tok.clone());
-        let saved = match self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        self.save(tok)
+    }
+
+    fn save(&self, tok: &Token) -> Result<(), StoreError> {
+        match self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             None => Ok(()),
             Some(conn) => conn
                 .execute(
@@ -206,7 +216,28 @@ impl TokenStore {
                     path: self.path.clone(),
                     source,
                 }),
+        }
+    }
+
+    /// Make a new token current, then save it. It is current in memory
+    /// whatever the save does: getAppToken has already revoked the old one,
+    /// so throwing the new one away (full disk) would make every call fail.
+    /// The save's error is returned beside it for the caller to report.
+    pub fn install(
+        &self,
+        value: String,
+        expires_in: u64,
+        now: i64,
+    ) -> (Token, Result<(), StoreError>) {
+        let generation = self.current().map(|t| t.generation).unwrap_or(0) + 1;
+        let tok = Token {
+            value,
+            expires_at: now.saturating_add(expires_in.min(i64::MAX as u64) as i64),
+            obtained_at: now,
+            generation,
         };
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(tok.clone());
+        let saved = self.save(&tok);
         (tok, saved)
     }
 }

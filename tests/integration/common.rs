@@ -26,6 +26,7 @@ pub async fn sim_with(cfg: SimConfig) -> SimServer {
 pub fn settings(sim: &SimServer, state: Option<PathBuf>) -> ClientSettings {
     ClientSettings {
         fallback_urls: Vec::new(),
+        shared: None,
         base_url: sim.base_url(),
         app_id: APP_ID.into(),
         hospital_id: HOSPITAL.into(),
