@@ -290,10 +290,7 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
             .unwrap_or_else(|| format!("{}://{listen}", if tls { "https" } else { "http" })),
         tls_cert: g.tls_cert.as_deref().map(resolve),
         tls_key: g.tls_key.as_deref().map(resolve),
-        redis: g
-            .redis_url
-            .clone()
-            .map(|u| (u, g.redis_prefix.clone())),
+        redis: g.redis_url.clone().map(|u| (u, g.redis_prefix.clone())),
         token_ttl_s: g.token_ttl_s,
         daily_budget: g.daily_budget,
         max_skew_s: g.max_skew_s,

@@ -110,11 +110,7 @@ impl RunningGateway {
             _ => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let gw = Arc::new(server::Gateway {
-            cfg,
-            store: store.clone(),
-            upstream: upstream.clone(),
-        });
+        let gw = Arc::new(server::Gateway::new(cfg, store.clone(), upstream.clone()));
         let app = server::router(gw);
         let (s1, s2) = (stop.clone(), stop.clone());
         let refresher = upstream.clone();

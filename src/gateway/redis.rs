@@ -59,7 +59,12 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RedisStore({:?}, prefix {:?})", self.client.get_connection_info().addr(), self.prefix)
+        write!(
+            f,
+            "RedisStore({:?}, prefix {:?})",
+            self.client.get_connection_info().addr(),
+            self.prefix
+        )
     }
 }
 
@@ -92,7 +97,8 @@ impl RedisStore {
                 .client
                 .get_connection_with_timeout(TIMEOUT)
                 .map_err(|e| e.to_string())?;
-            c.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+            c.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
             c.set_write_timeout(Some(TIMEOUT))
                 .map_err(|e| e.to_string())?;
             *slot = Some(c);
@@ -107,13 +113,17 @@ impl RedisStore {
         }
     }
 
-    fn w<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T, GatewayStoreError> {
+    fn w<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> RedisResult<T>,
+    ) -> Result<T, GatewayStoreError> {
         self.with(f).map_err(GatewayStoreError::Redis)
     }
 
     /// Whether Redis answers now (for `gateway status`).
     pub fn ping(&self) -> Result<(), String> {
-        self.with(|c| redis::cmd("PING").query::<String>(c)).map(|_| ())
+        self.with(|c| redis::cmd("PING").query::<String>(c))
+            .map(|_| ())
     }
 
     pub fn add_terminal(&self, name: &str, now: i64) -> Result<Terminal, GatewayStoreError> {
@@ -123,7 +133,10 @@ impl RedisStore {
         if !created {
             return Err(GatewayStoreError::Exists(name.into()));
         }
-        let (appkey, setkey) = (self.key(&format!("appid:{}", t.app_id)), self.key("terminals"));
+        let (appkey, setkey) = (
+            self.key(&format!("appid:{}", t.app_id)),
+            self.key("terminals"),
+        );
         self.w(|c| {
             redis::pipe()
                 .atomic()
@@ -151,9 +164,7 @@ impl RedisStore {
         let old: Option<String> = self.w(|c| c.get(&current))?;
         self.w(|c| {
             let mut p = redis::pipe();
-            p.atomic()
-                .hset(&key, "revoked_at", now)
-                .del(&current);
+            p.atomic().hset(&key, "revoked_at", now).del(&current);
             if let Some(o) = &old {
                 p.del(self.key(&format!("tok:{o}")));
             }
@@ -237,7 +248,10 @@ impl RedisStore {
         self.w(|c| {
             c.hset_multiple::<_, _, _, ()>(
                 &key,
-                &[("last_seen", now.to_string()), ("last_peer", peer.to_owned())],
+                &[
+                    ("last_seen", now.to_string()),
+                    ("last_peer", peer.to_owned()),
+                ],
             )
         })
     }

@@ -27,7 +27,7 @@ use axum::Router;
 use serde_json::json;
 
 use super::config::GatewayConfig;
-use super::store::{GatewayStore, IssuedToken};
+use super::store::{GatewayStore, GatewayStoreError, IssuedToken, Terminal};
 use crate::clock;
 use crate::platform::api::{self, MAX_BODY};
 use crate::platform::serve::{self, Answer, Envelope, TokenView};
@@ -38,6 +38,102 @@ pub struct Gateway {
     pub cfg: GatewayConfig,
     pub store: Arc<GatewayStore>,
     pub upstream: Client,
+    /// The terminals and tokens this gateway has read from the store: when
+    /// a shared store (Redis) cannot be reached, terminals it has seen keep
+    /// being served with what it knew.
+    pub cache: std::sync::Mutex<Cache>,
+}
+
+#[derive(Default)]
+pub struct Cache {
+    terminals: std::collections::HashMap<String, Terminal>,
+    by_app_id: std::collections::HashMap<String, String>,
+    tokens: std::collections::HashMap<String, IssuedToken>,
+    store_down: bool,
+}
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig, store: Arc<GatewayStore>, upstream: Client) -> Gateway {
+        Gateway {
+            cfg,
+            store,
+            upstream,
+            cache: std::sync::Mutex::new(Cache::default()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A store read, remembered; on a store failure, what was remembered.
+    fn read<T: Clone>(
+        &self,
+        what: Result<Option<T>, GatewayStoreError>,
+        remember: impl FnOnce(&mut Cache, &T),
+        recall: impl FnOnce(&Cache) -> Option<T>,
+    ) -> Result<Option<T>, GatewayStoreError> {
+        match what {
+            Ok(v) => {
+                let mut c = self.cache();
+                if c.store_down {
+                    c.store_down = false;
+                    tracing::warn!("the gateway store answers again");
+                }
+                if let Some(v) = &v {
+                    remember(&mut c, v);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                let mut c = self.cache();
+                if !c.store_down {
+                    c.store_down = true;
+                    tracing::error!(error = %e, "the gateway store cannot be reached; serving the terminals already known from memory");
+                }
+                match recall(&c) {
+                    Some(v) => Ok(Some(v)),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    fn terminal_by_app_id(&self, app_id: &str) -> Result<Option<Terminal>, GatewayStoreError> {
+        self.read(
+            self.store.terminal_by_app_id(app_id),
+            |c, t| {
+                c.by_app_id.insert(t.app_id.clone(), t.name.clone());
+                c.terminals.insert(t.name.clone(), t.clone());
+            },
+            |c| {
+                c.by_app_id
+                    .get(app_id)
+                    .and_then(|n| c.terminals.get(n))
+                    .cloned()
+            },
+        )
+    }
+
+    fn terminal(&self, name: &str) -> Result<Option<Terminal>, GatewayStoreError> {
+        self.read(
+            self.store.terminal(name),
+            |c, t| {
+                c.terminals.insert(t.name.clone(), t.clone());
+            },
+            |c| c.terminals.get(name).cloned(),
+        )
+    }
+
+    fn token(&self, token: &str) -> Result<Option<IssuedToken>, GatewayStoreError> {
+        self.read(
+            self.store.token(token),
+            |c, t| {
+                c.tokens.insert(t.token.clone(), t.clone());
+            },
+            |c| c.tokens.get(token).cloned(),
+        )
+    }
 }
 
 /// The router: one POST route per platform API.
@@ -172,7 +268,7 @@ fn admit(
     };
     if api_name == "getAppToken" {
         let app_id = env.app_id()?;
-        let terminal = match store.terminal_by_app_id(app_id).map_err(internal)? {
+        let terminal = match gw.terminal_by_app_id(app_id).map_err(internal)? {
             Some(t) if t.revoked_at.is_none() => t,
             Some(t) => {
                 tracing::warn!(terminal = %t.name, peer = %peer, "a revoked terminal asked for a token");
@@ -186,14 +282,18 @@ fn admit(
         env.verify(&terminal.secret)?;
         let token = serve::new_token(&mut rand::rng());
         let expires_at = now + gw.cfg.token_ttl_s as i64;
-        store
-            .issue_token(&IssuedToken {
-                token: token.clone(),
-                terminal: terminal.name.clone(),
-                hospital_id: env.hospital_id.clone(),
-                expires_at,
-            })
-            .map_err(internal)?;
+        let issued = IssuedToken {
+            token: token.clone(),
+            terminal: terminal.name.clone(),
+            hospital_id: env.hospital_id.clone(),
+            expires_at,
+        };
+        // Remembered here too: with the store down, this gateway still
+        // knows the token it gave.
+        gw.cache().tokens.insert(token.clone(), issued.clone());
+        if let Err(e) = store.issue_token(&issued) {
+            tracing::error!(error = %e, terminal = %terminal.name, "the token could not be stored; only this gateway knows it");
+        }
         let _ = store.seen(&terminal.name, now, &peer.to_string());
         tracing::info!(terminal = %terminal.name, peer = %peer, "token issued to a terminal");
         return Ok(Admitted::Token(Answer::ok(
@@ -201,7 +301,7 @@ fn admit(
             json!({"appToken": token, "expiresIn": gw.cfg.token_ttl_s}),
         )));
     }
-    let found = store.token(&env.app_token).map_err(internal)?;
+    let found = gw.token(&env.app_token).map_err(internal)?;
     let holder = serve::check_token(
         env,
         found.as_ref().map(|t| TokenView {
@@ -213,16 +313,18 @@ fn admit(
         now,
     )?
     .to_owned();
-    let terminal = match store.terminal(&holder).map_err(internal)? {
+    let terminal = match gw.terminal(&holder).map_err(internal)? {
         Some(t) if t.revoked_at.is_none() => t,
         _ => return Err(Answer::err(21002, rid)),
     };
     env.verify(&terminal.secret)?;
     let _ = store.seen(&terminal.name, now, &peer.to_string());
     let day = clock::day_number(now, clock::BEIJING);
+    // A store that cannot count does not stop the scans: the call goes
+    // uncounted (logged by the store read above).
     if store
         .take_budget(api_name, day, gw.cfg.daily_budget)
-        .map_err(internal)?
+        .unwrap_or(Some(0))
         .is_none()
     {
         tracing::warn!(api = api_name, budget = ?gw.cfg.daily_budget, "the hospital's daily budget for this interface is spent; answering 10034 until Beijing midnight");

@@ -36,9 +36,7 @@ use serde_json::{Map, Value};
 use super::api::{self, Api, GetAppToken, ResponseError, MAX_BODY};
 use super::error::{classify, Class};
 use super::sign;
-use super::token::{
-    Identity, SharedTokens, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL,
-};
+use super::token::{Identity, SharedTokens, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL};
 use crate::clock;
 use crate::config::{Config, Secret};
 

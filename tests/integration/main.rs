@@ -10,6 +10,7 @@ mod daemon;
 mod disk;
 mod fuzz_regressions;
 mod gateway;
+mod gateway_ha;
 mod his_access;
 mod his_examples;
 mod outbox;
