@@ -171,6 +171,7 @@ impl SqliteStore {
             path: path.to_owned(),
             source,
         })?;
+        give_to_dir_owner(path);
         let err = |source| GatewayStoreError::Sqlite {
             path: path.to_owned(),
             source,
@@ -369,6 +370,35 @@ impl SqliteStore {
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+}
+
+/// `gateway terminal add` is run by root on a store that belongs to the
+/// service's user (`StateDirectory=`): files root creates there are handed
+/// to the directory's owner, or the service could not open them.
+fn give_to_dir_owner(path: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let Some(owner) = path
+        .parent()
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| (m.uid(), m.gid()))
+        .filter(|(u, _)| *u != 0)
+    else {
+        return;
+    };
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::os::unix::fs::chown(&p, Some(owner.0), Some(owner.1));
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        give_to_dir_owner(&self.path);
     }
 }
 

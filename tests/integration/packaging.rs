@@ -21,27 +21,27 @@ fn unit_exposure_is_at_most_2_5() {
         crate::common::skip("unit_exposure_is_at_most_2_5", "no systemd-analyze", true);
         return;
     }
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=true"])
-        .arg(format!("{}/systemd/ehc-agent.service", root()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let level: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.split("Overall exposure level for ehc-agent.service: ")
-                .nth(1)
-        })
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no exposure level in:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    assert!(level <= 2.5, "exposure {level} > 2.5:\n{text}");
+    for unit in ["ehc-agent.service", "ehc-agent-gateway.service"] {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(format!("{}/systemd/{unit}", root()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let needle = format!("Overall exposure level for {unit}: ");
+        let level: f64 = text
+            .lines()
+            .find_map(|l| l.split(needle.as_str()).nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no exposure level in:\n{text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        assert!(level <= 2.5, "{unit}: exposure {level} > 2.5:\n{text}");
+    }
 }
 
 #[test]
@@ -70,21 +70,54 @@ fn unit_verifies_clean() {
         .success());
     std::fs::copy(env!("CARGO_BIN_EXE_ehc-agent"), p.join("usr/bin/ehc-agent")).unwrap();
     std::fs::copy("/bin/kill", p.join("bin/kill")).unwrap();
-    std::fs::copy(
-        format!("{}/systemd/ehc-agent.service", root()),
-        p.join("usr/lib/systemd/system/ehc-agent.service"),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(format!("--root={}", p.display()))
-        .arg("ehc-agent.service")
-        .output()
+    for unit in ["ehc-agent.service", "ehc-agent-gateway.service"] {
+        std::fs::copy(
+            format!("{}/systemd/{unit}", root()),
+            p.join(format!("usr/lib/systemd/system/{unit}")),
+        )
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", p.display()))
+            .arg(unit)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "systemd-analyze verify {unit}:\n{err}"
+        );
+    }
+}
+
+/// Regression (found under a real systemd): `DeviceAllow=char-ttyUSB` is
+/// resolved when the unit starts, so the drivers must be loaded before it;
+/// and the postinst must create the users before udev applies rules that
+/// name them.
+#[test]
+fn drivers_load_before_the_agent_and_users_exist_before_udev_rules() {
+    let unit = std::fs::read_to_string(format!("{}/systemd/ehc-agent.service", root())).unwrap();
+    for m in ["usbserial", "cdc_acm", "hid"] {
+        let dep = format!("modprobe@{m}.service");
+        assert!(
+            unit.lines()
+                .any(|l| l.starts_with("Wants=") && l.contains(&dep))
+                && unit
+                    .lines()
+                    .any(|l| l.starts_with("After=") && l.contains(&dep)),
+            "{dep} missing from Wants= and After="
+        );
+    }
+    let postinst = std::fs::read_to_string(format!("{}/debian/postinst", root())).unwrap();
+    let sysusers = postinst
+        .find("systemd-sysusers")
+        .expect("postinst runs sysusers");
+    let trigger = postinst
+        .find("udevadm trigger")
+        .expect("postinst triggers udev");
     assert!(
-        out.status.success() && err.trim().is_empty(),
-        "systemd-analyze verify:\n{err}"
+        sysusers < trigger,
+        "users must exist before udev applies the rules"
     );
 }
 
