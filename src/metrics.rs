@@ -35,6 +35,13 @@ pub struct Metrics {
     pub uploads_stopped: Gauge,
     pub scanner_up: Family<Labels, Gauge>,
     pub his_clients: Gauge,
+    /// The gateway's (`ehc-agent gateway`): terminal requests by API and
+    /// outcome (a result code, `forwarded`, `unavailable`).
+    pub gateway_requests: Family<Labels, Counter>,
+    pub gateway_terminals: Gauge,
+    pub gateway_budget_used: Family<Labels, Gauge>,
+    pub gateway_upstream_generation: Gauge,
+    pub gateway_store_down: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -61,6 +68,11 @@ pub fn get() -> &'static Metrics {
             uploads_stopped: Gauge::default(),
             scanner_up: Family::default(),
             his_clients: Gauge::default(),
+            gateway_requests: Family::default(),
+            gateway_terminals: Gauge::default(),
+            gateway_budget_used: Family::default(),
+            gateway_upstream_generation: Gauge::default(),
+            gateway_store_down: Gauge::default(),
         };
         r.register(
             "scans",
@@ -113,6 +125,31 @@ pub fn get() -> &'static Metrics {
             "Connected HIS clients",
             m.his_clients.clone(),
         );
+        r.register(
+            "gateway_requests",
+            "Gateway: terminal requests by API and outcome (result code answered by the gateway, forwarded, unavailable)",
+            m.gateway_requests.clone(),
+        );
+        r.register(
+            "gateway_terminals",
+            "Gateway: enrolled, unrevoked terminals",
+            m.gateway_terminals.clone(),
+        );
+        r.register(
+            "gateway_budget_used",
+            "Gateway: calls forwarded today (Beijing day) per interface",
+            m.gateway_budget_used.clone(),
+        );
+        r.register(
+            "gateway_upstream_token_generation",
+            "Gateway: generation of the upstream token held",
+            m.gateway_upstream_generation.clone(),
+        );
+        r.register(
+            "gateway_store_down",
+            "Gateway: 1 while its store (Redis) cannot be reached",
+            m.gateway_store_down.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     })
@@ -134,6 +171,15 @@ impl Metrics {
     pub fn upload(&self, class: &str) {
         self.uploads
             .get_or_create(&vec![("class", class.to_owned())])
+            .inc();
+    }
+
+    pub fn gateway_request(&self, api: &str, outcome: &str) {
+        self.gateway_requests
+            .get_or_create(&vec![
+                ("api", api.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
             .inc();
     }
 

@@ -61,6 +61,9 @@ struct GatewaySection {
     redis_url: Option<String>,
     #[serde(default = "default_prefix")]
     redis_prefix: String,
+    /// Prometheus `/metrics`, on an admin listener of its own (loopback).
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -112,6 +115,7 @@ pub struct GatewayConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub redis: Option<(String, String)>,
+    pub metrics_listen: Option<SocketAddr>,
     pub hospital_id: String,
     pub upstream: ClientSettings,
 }
@@ -223,6 +227,17 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
     if g.token_ttl_s < 120 {
         problem("gateway.token_ttl_s", "at least 120 s".into());
     }
+    let metrics_listen = match g.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
+        None => None,
+        Some(Ok(a)) if a.ip().is_loopback() => Some(a),
+        Some(_) => {
+            problem(
+                "gateway.metrics_listen",
+                "a loopback address like 127.0.0.1:9411".into(),
+            );
+            None
+        }
+    };
     if let Some(u) = &g.redis_url {
         if redis::Client::open(u.as_str()).is_err() {
             problem("gateway.redis_url", format!("`{u}` is not a redis:// URL"));
@@ -290,6 +305,7 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
             .unwrap_or_else(|| format!("{}://{listen}", if tls { "https" } else { "http" })),
         tls_cert: g.tls_cert.as_deref().map(resolve),
         tls_key: g.tls_key.as_deref().map(resolve),
+        metrics_listen,
         redis: g.redis_url.clone().map(|u| (u, g.redis_prefix.clone())),
         token_ttl_s: g.token_ttl_s,
         daily_budget: g.daily_budget,

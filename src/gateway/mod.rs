@@ -57,6 +57,8 @@ pub enum GatewayError {
 /// A running gateway.
 pub struct RunningGateway {
     pub addr: SocketAddr,
+    /// The admin listener's `/metrics`, if configured.
+    pub metrics_addr: Option<SocketAddr>,
     scheme: &'static str,
     pub upstream: Client,
     pub store: Arc<GatewayStore>,
@@ -111,6 +113,37 @@ impl RunningGateway {
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let gw = Arc::new(server::Gateway::new(cfg, store.clone(), upstream.clone()));
+        let metrics_addr = match gw.cfg.metrics_listen {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|source| GatewayError::Listen { addr: a, source })?;
+                let addr = l.local_addr().ok();
+                let (gw2, s3) = (gw.clone(), stop.clone());
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let gw = gw2.clone();
+                        async move {
+                            (
+                                [(
+                                    axum::http::header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )],
+                                server::metrics_text(&gw),
+                            )
+                        }
+                    }),
+                );
+                tokio::spawn(async move {
+                    let _ = axum::serve(l, app)
+                        .with_graceful_shutdown(async move { s3.cancelled().await })
+                        .await;
+                });
+                addr
+            }
+            None => None,
+        };
         let app = server::router(gw);
         let (s1, s2) = (stop.clone(), stop.clone());
         let refresher = upstream.clone();
@@ -145,6 +178,7 @@ impl RunningGateway {
         };
         tracing::info!(listen = %addr, scheme, "ehc-agent gateway running");
         Ok(RunningGateway {
+            metrics_addr,
             scheme,
             addr,
             upstream,

@@ -136,6 +136,28 @@ impl Gateway {
     }
 }
 
+/// The metrics text, with the gauges that mirror the store refreshed.
+pub fn metrics_text(gw: &Gateway) -> String {
+    let m = crate::metrics::get();
+    if let Ok(ts) = gw.store.terminals() {
+        m.gateway_terminals
+            .set(ts.iter().filter(|t| t.revoked_at.is_none()).count() as i64);
+    }
+    let day = clock::day_number(clock::now_unix(), clock::BEIJING);
+    if let Ok(used) = gw.store.budget_used(day) {
+        for (api, n) in used {
+            m.gateway_budget_used
+                .get_or_create(&vec![("api", api)])
+                .set(n as i64);
+        }
+    }
+    if let Some(t) = gw.upstream.token() {
+        m.gateway_upstream_generation.set(t.generation as i64);
+    }
+    m.gateway_store_down.set(i64::from(gw.cache().store_down));
+    m.encode()
+}
+
 /// The router: one POST route per platform API.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let mut r = Router::new();
@@ -211,13 +233,20 @@ async fn handle(
         move || admit(&gw, &store, api_name, &env, now, peer)
     })
     .await;
+    let m = crate::metrics::get();
     let admitted = match checked {
         Ok(Ok(a)) => a,
-        Ok(Err(a)) => return answer(a),
+        Ok(Err(a)) => {
+            m.gateway_request(api_name, &a.code.to_string());
+            return answer(a);
+        }
         Err(_) => return unavailable("internal error"),
     };
     let terminal = match admitted {
-        Admitted::Token(a) => return answer(a),
+        Admitted::Token(a) => {
+            m.gateway_request(api_name, "token_issued");
+            return answer(a);
+        }
         Admitted::Forward(t) => t,
     };
     match gw
@@ -226,15 +255,18 @@ async fn handle(
         .await
     {
         Ok((bytes, code)) if matches!(code, 21003 | 21004) => {
+            m.gateway_request(api_name, "unavailable");
             tracing::error!(api = api_name, code, terminal = %terminal, "the platform refused the hospital's token even after a refresh");
             let _ = bytes;
             unavailable("the platform refused the hospital's token; retry later")
         }
         Ok((bytes, code)) => {
+            m.gateway_request(api_name, "forwarded");
             tracing::debug!(api = api_name, code, terminal = %terminal, request_id = %env.request_id, "forwarded");
             json_response(StatusCode::OK, bytes)
         }
         Err(e) => {
+            m.gateway_request(api_name, "unavailable");
             tracing::warn!(api = api_name, terminal = %terminal, error = %e, class = %e.class(), "forwarding failed");
             unavailable(&format!(
                 "the gateway could not reach the platform: {}",

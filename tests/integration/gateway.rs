@@ -156,7 +156,12 @@ async fn a_terminals_new_token_revokes_only_its_own() {
 async fn the_daily_budget_is_the_hospitals() {
     let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(&sim, dir.path(), "daily_budget = 2").await;
+    let gw = gateway(
+        &sim,
+        dir.path(),
+        "daily_budget = 2\nmetrics_listen = \"127.0.0.1:0\"",
+    )
+    .await;
     let base = gw.base_url();
     let mut tokens = Vec::new();
     for name in ["A", "B"] {
@@ -183,6 +188,22 @@ async fn the_daily_budget_is_the_hospitals() {
         2,
         "the third never left"
     );
+    // The same, as Prometheus series on the admin listener.
+    let text = http()
+        .get(format!("http://{}/metrics", gw.metrics_addr.unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "ehc_agent_gateway_budget_used{api=\"reportHISData\"} 2",
+        "ehc_agent_gateway_requests_total{api=\"reportHISData\",outcome=\"10034\"} 1",
+        "ehc_agent_gateway_terminals 2",
+    ] {
+        assert!(text.contains(series), "{series} missing in\n{text}");
+    }
     gw.stop().await;
 }
 
