@@ -6,6 +6,7 @@
 //!     cargo run --release --example bench -- scan [--n 500] [--dir D]
 //!     cargo build --release && cargo run --release --example bench -- ready [--n 20]
 //!     cargo build --release && cargo run --release --example bench -- idle [--seconds 60]
+//!     cargo build --release && cargo run --release --example bench -- gateway [--terminals 500] [--calls 20000] [--concurrency 64]
 //!
 //! `commit`: uses committed per second (one transaction each, WAL +
 //! synchronous=FULL) beside raw write+fdatasync per second on the same disk.
@@ -20,6 +21,11 @@
 //! `idle`: the daemon with a configuration like a window's (HIS socket,
 //! TCP, metrics), no scans: resident memory, and context switches per second
 //! (wakeups) and CPU time over `seconds`, from /proc.
+//! `gateway`: `terminals` simulated terminals (each signs with its own
+//! credentials, as an agent does) call getHealthCardByQRCode through one
+//! `ehc-agent gateway` process, `concurrency` in flight; latency beside the
+//! same calls made directly to the simulator in the same run, calls per
+//! second, and the gateway's CPU time and resident memory from /proc.
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -44,6 +50,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum What {
+    Gateway {
+        #[arg(long, default_value_t = 500)]
+        terminals: usize,
+        #[arg(long, default_value_t = 20000)]
+        calls: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     Commit {
         #[arg(long, default_value_t = 2000)]
         n: usize,
@@ -266,6 +280,148 @@ async fn idle(seconds: u64) {
     );
     println!("  CPU time          {} ticks in {seconds} s", cpu1 - cpu0);
     stop(child);
+}
+
+/// `calls` getHealthCardByQRCode from `clients` (round robin), at most
+/// `concurrency` in flight: sorted latencies and the wall time.
+async fn load(
+    clients: &[Client],
+    req: &QrCodeReq,
+    calls: usize,
+    concurrency: usize,
+) -> (Vec<Duration>, Duration) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let (c, r, sem) = (clients[i % clients.len()].clone(), req.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.unwrap();
+            let t = Instant::now();
+            c.call::<GetHealthCardByQrCode>(&r, CallOptions::scan())
+                .await
+                .expect("call succeeds");
+            t.elapsed()
+        }));
+    }
+    let mut lat = Vec::with_capacity(calls);
+    for t in tasks {
+        lat.push(t.await.unwrap());
+    }
+    let wall = started.elapsed();
+    lat.sort();
+    (lat, wall)
+}
+
+async fn gateway(terminals: usize, calls: usize, concurrency: usize) {
+    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("upstream_secret");
+    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[upstream]\nbase_url = \"{}\"\napp_id = \"{}\"\nhospital_id = \"{}\"\napp_secret_file = \"upstream_secret\"\n",
+            sim.base_url(),
+            ehc_agent::sim::config::DEFAULT_APP_ID,
+            ehc_agent::sim::config::DEFAULT_HOSPITAL_ID,
+        ),
+    )
+    .unwrap();
+    // Enrol the terminals before the gateway starts (the same store file).
+    let gcfg = ehc_agent::gateway::config::load(Some(&cfg), &Env::default()).unwrap();
+    let store = ehc_agent::gateway::open_store(&gcfg).unwrap();
+    let creds: Vec<_> = (0..terminals)
+        .map(|i| store.add_terminal(&format!("T{i:04}"), 0).unwrap())
+        .collect();
+    drop(store);
+    let mut child = std::process::Command::new(agent_bin())
+        .args(["gateway", "run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let pid = child.id();
+    let base = format!("http://127.0.0.1:{port}");
+    let settings = |base: &str, app_id: &str, secret: &str| ClientSettings {
+        base_url: base.to_owned(),
+        fallback_urls: Vec::new(),
+        shared: None,
+        app_id: app_id.to_owned(),
+        hospital_id: ehc_agent::sim::config::DEFAULT_HOSPITAL_ID.into(),
+        secret: Secret::new(secret),
+        scan_timeout: Duration::from_secs(10),
+        upload_timeout: Duration::from_secs(10),
+        proxy: None,
+        ca_file: None,
+        state_path: None,
+    };
+    let via: Vec<Client> = creds
+        .iter()
+        .map(|t| Client::new(settings(&base, &t.app_id, &t.secret)).unwrap())
+        .collect();
+    let direct = vec![Client::new(settings(
+        &sim.base_url(),
+        ehc_agent::sim::config::DEFAULT_APP_ID,
+        ehc_agent::sim::config::DEFAULT_APP_SECRET,
+    ))
+    .unwrap()];
+    let req = QrCodeReq {
+        qr_code_text: sim.with_state(|s| s.static_code(0)).unwrap(),
+    };
+    // Warm up: every terminal's token, every connection.
+    load(&via, &req, terminals, concurrency).await;
+    load(&direct, &req, concurrency * 4, concurrency).await;
+    let (cpu0, rss0) = (cpu_ticks(pid), proc_field(pid, "VmRSS:"));
+    let (g, gwall) = load(&via, &req, calls, concurrency).await;
+    let cpu1 = cpu_ticks(pid);
+    let rss1 = proc_field(pid, "VmRSS:");
+    let (d, dwall) = load(&direct, &req, calls, concurrency).await;
+    let tick = 100.0; // USER_HZ
+    println!("gateway: {terminals} terminals, {calls} getHealthCardByQRCode, {concurrency} in flight, simulator at zero latency:");
+    println!(
+        "  through the gateway  p50 {}  p99 {}  {:.0} calls/s",
+        ms(percentile(&g, 0.5)),
+        ms(percentile(&g, 0.99)),
+        calls as f64 / gwall.as_secs_f64()
+    );
+    println!(
+        "  direct to platform   p50 {}  p99 {}  {:.0} calls/s",
+        ms(percentile(&d, 0.5)),
+        ms(percentile(&d, 0.99)),
+        calls as f64 / dwall.as_secs_f64()
+    );
+    println!(
+        "  gateway-added        p50 {}  p99 {}",
+        ms(percentile(&g, 0.5).saturating_sub(percentile(&d, 0.5))),
+        ms(percentile(&g, 0.99).saturating_sub(percentile(&d, 0.99)))
+    );
+    println!(
+        "  gateway CPU          {:.2} s for {calls} calls ({:.0} µs per call); RSS {rss0} before, {rss1} after",
+        (cpu1 - cpu0) as f64 / tick,
+        (cpu1 - cpu0) as f64 / tick * 1e6 / calls as f64
+    );
+    println!(
+        "  upstream getAppToken calls: {}",
+        sim.with_state(|s| s.tokens_issued())
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -524,5 +680,10 @@ async fn main() {
         What::Scan { n, dir } => scan(n, dir).await,
         What::Ready { n } => ready(n).await,
         What::Idle { seconds } => idle(seconds).await,
+        What::Gateway {
+            terminals,
+            calls,
+            concurrency,
+        } => gateway(terminals, calls, concurrency).await,
     }
 }
