@@ -46,6 +46,9 @@ pub struct Gateway {
 
 #[derive(Default)]
 pub struct Cache {
+    /// When each terminal's `last_seen` was last written: once a minute is
+    /// enough for `terminal list`, and a write per request is not free.
+    seen_written: std::collections::HashMap<String, i64>,
     terminals: std::collections::HashMap<String, Terminal>,
     by_app_id: std::collections::HashMap<String, String>,
     tokens: std::collections::HashMap<String, IssuedToken>,
@@ -60,6 +63,20 @@ impl Gateway {
             upstream,
             cache: std::sync::Mutex::new(Cache::default()),
         }
+    }
+
+    /// Record that `terminal` was seen, at most once a minute per terminal.
+    fn seen(&self, terminal: &str, now: i64, peer: SocketAddr) {
+        {
+            let mut c = self.cache();
+            match c.seen_written.get(terminal) {
+                Some(t) if now - *t < 60 => return,
+                _ => {
+                    c.seen_written.insert(terminal.to_owned(), now);
+                }
+            }
+        }
+        let _ = self.store.seen(terminal, now, &peer.to_string());
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -326,7 +343,7 @@ fn admit(
         if let Err(e) = store.issue_token(&issued) {
             tracing::error!(error = %e, terminal = %terminal.name, "the token could not be stored; only this gateway knows it");
         }
-        let _ = store.seen(&terminal.name, now, &peer.to_string());
+        gw.seen(&terminal.name, now, peer);
         tracing::info!(terminal = %terminal.name, peer = %peer, "token issued to a terminal");
         return Ok(Admitted::Token(Answer::ok(
             rid,
@@ -350,7 +367,7 @@ fn admit(
         _ => return Err(Answer::err(21002, rid)),
     };
     env.verify(&terminal.secret)?;
-    let _ = store.seen(&terminal.name, now, &peer.to_string());
+    gw.seen(&terminal.name, now, peer);
     let day = clock::day_number(now, clock::BEIJING);
     // A store that cannot count does not stop the scans: the call goes
     // uncounted (logged by the store read above).
