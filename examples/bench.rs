@@ -34,9 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use ehc_agent::agent::outbox::uploader::{self, UploaderSettings};
+use ehc_agent::agent::outbox::{Kind, NewRow, Outbox};
 use ehc_agent::config::{self, Env, Secret};
-use ehc_agent::outbox::uploader::{self, UploaderSettings};
-use ehc_agent::outbox::{Kind, NewRow, Outbox};
 use ehc_agent::platform::api::{GetHealthCardByQrCode, QrCodeReq};
 use ehc_agent::platform::{CallOptions, Client, ClientSettings};
 use ehc_agent::sim::{SimConfig, SimServer};
@@ -620,7 +620,7 @@ async fn scan(n: usize, dir: PathBuf) {
         ehc_agent::sim::config::DEFAULT_HOSPITAL_ID
     );
     let cfg = config::parse(&text, tmp.path(), &Env::default()).unwrap();
-    let app = ehc_agent::app::App::start(&cfg).await.unwrap();
+    let app = ehc_agent::agent::app::App::start(&cfg).await.unwrap();
     let stream = tokio::net::UnixStream::connect(app.his_unix.as_ref().unwrap())
         .await
         .unwrap();
@@ -650,7 +650,7 @@ async fn scan(n: usize, dir: PathBuf) {
     for _ in 0..n + 10 {
         let t = Instant::now();
         app.scans
-            .send(ehc_agent::scanner::Scan {
+            .send(ehc_agent::agent::scanner::Scan {
                 scanner: "bench".into(),
                 text: qr.clone(),
                 at: ehc_agent::clock::now_unix(),

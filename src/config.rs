@@ -185,7 +185,7 @@ pub struct HisSection {
 }
 
 fn default_max_clients() -> usize {
-    crate::his::server::DEFAULT_MAX_CLIENTS
+    crate::agent::his::server::DEFAULT_MAX_CLIENTS
 }
 
 impl Default for HisSection {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use ehc_agent::config::Terminator;
-use ehc_agent::scanner::framing::{Event, Framer};
+use ehc_agent::agent::scanner::framing::{Event, Framer};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

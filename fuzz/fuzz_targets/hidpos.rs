@@ -1,7 +1,7 @@
 //! HID POS reports of any shape and length: never a panic, never a code
 //! over the limit.
 #![no_main]
-use ehc_agent::scanner::hidpos::{Assembled, Assembler, Layout};
+use ehc_agent::agent::scanner::hidpos::{Assembled, Assembler, Layout};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

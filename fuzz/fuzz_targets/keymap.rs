@@ -1,6 +1,6 @@
 //! Keyboard reports and evdev events in any order decode without panicking.
 #![no_main]
-use ehc_agent::scanner::keymap::{to_bytes, Decoder};
+use ehc_agent::agent::scanner::keymap::{to_bytes, Decoder};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -65,7 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => run_cmd(a.config.as_deref()),
         Command::Demo { script } => {
             let rt = runtime()?;
-            let ok = rt.block_on(crate::demo::run(script));
+            let ok = rt.block_on(crate::agent::demo::run(script));
             rt.shutdown_timeout(std::time::Duration::from_millis(100));
             let ok = ok?;
             Ok(if ok {
@@ -114,7 +114,7 @@ pub(crate) fn control_path(control: Option<&Path>, config: Option<&Path>) -> Pat
     }
     let env = Env::from_process();
     if let Ok(c) = config::load(config, &env) {
-        return crate::control::path_for(&c.his_unix);
+        return crate::agent::control::path_for(&c.his_unix);
     }
     env.runtime_directory
         .unwrap_or_else(|| PathBuf::from("/run/ehc-agent"))
@@ -123,15 +123,17 @@ pub(crate) fn control_path(control: Option<&Path>, config: Option<&Path>) -> Pat
 
 async fn status(json: bool, at: crate::cli::ControlArg) -> anyhow::Result<ExitCode> {
     let path = control_path(at.control.as_deref(), at.config.as_deref());
-    let v = match crate::control::request(&path, &crate::control::Request::Status).await {
+    let v = match crate::agent::control::request(&path, &crate::agent::control::Request::Status)
+        .await
+    {
         Ok(v) => v,
-        Err(e @ crate::control::ControlError::NotRunning(_)) => {
+        Err(e @ crate::agent::control::ControlError::NotRunning(_)) => {
             eprintln!("ehc-agent: {e}");
             return Ok(ExitCode::from(EXIT_NOT_RUNNING));
         }
         Err(e) => return Err(e.into()),
     };
-    let st: crate::status::Status = serde_json::from_value(v["status"].clone())
+    let st: crate::agent::status::Status = serde_json::from_value(v["status"].clone())
         .context("the agent's status was not understood")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
@@ -147,9 +149,9 @@ async fn status(json: bool, at: crate::cli::ControlArg) -> anyhow::Result<ExitCo
 
 async fn scan(text: String, at: crate::cli::ControlArg) -> anyhow::Result<ExitCode> {
     let path = control_path(at.control.as_deref(), at.config.as_deref());
-    let v = crate::control::request(
+    let v = crate::agent::control::request(
         &path,
-        &crate::control::Request::Scan {
+        &crate::agent::control::Request::Scan {
             text,
             scanner: None,
         },
@@ -161,7 +163,7 @@ async fn scan(text: String, at: crate::cli::ControlArg) -> anyhow::Result<ExitCo
 
 /// `ehc-agent scanners`: what is attached, and configuration to paste.
 fn scanners(json: bool, all: bool) -> anyhow::Result<ExitCode> {
-    use crate::scanner::sysfs;
+    use crate::agent::scanner::sysfs;
     let devices: Vec<_> = sysfs::usb_devices()
         .into_iter()
         .filter(|d| {
@@ -340,7 +342,7 @@ fn run_cmd(explicit: Option<&Path>) -> anyhow::Result<ExitCode> {
         }
     };
     let rt = runtime()?;
-    let result = rt.block_on(crate::app::run(cfg));
+    let result = rt.block_on(crate::agent::app::run(cfg));
     // Every task has finished by now, but a stdin scanner's blocking read
     // cannot be interrupted: do not let it hold the process.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::EXIT_USAGE;
+use crate::agent::outbox::report;
+use crate::agent::outbox::uploader::{self, UploaderSettings};
+use crate::agent::outbox::{Outbox, Store};
 use crate::cli::{OutboxAction, OutboxArgs};
 use crate::clock;
 use crate::config::{self, Config, Env};
-use crate::outbox::report;
-use crate::outbox::uploader::{self, UploaderSettings};
-use crate::outbox::{Outbox, Store};
 use crate::platform::{Client, ClientSettings};
 
 /// Give up a flush after this many failed attempts in a row.
@@ -191,7 +191,7 @@ async fn via_daemon(
     control: &std::path::Path,
     action: &OutboxAction,
 ) -> anyhow::Result<Option<ExitCode>> {
-    use crate::control::{request, ControlError, Request};
+    use crate::agent::control::{request, ControlError, Request};
     let req = match action {
         OutboxAction::List { .. } => Request::OutboxList,
         OutboxAction::Retry { id, held } => {
@@ -255,7 +255,7 @@ async fn via_daemon(
 /// Follow the daemon's uploads with a progress bar until the outbox is
 /// empty, or say why it will not be.
 async fn flush_via_daemon(control: &std::path::Path, total: u64) -> anyhow::Result<ExitCode> {
-    use crate::control::{request, Request};
+    use crate::agent::control::{request, Request};
     if total == 0 {
         println!("nothing to upload");
         return Ok(ExitCode::SUCCESS);
@@ -268,7 +268,7 @@ async fn flush_via_daemon(control: &std::path::Path, total: u64) -> anyhow::Resu
     let mut failures_at_start = None;
     let result = loop {
         let v = request(control, &Request::Status).await?;
-        let st: crate::status::Status = serde_json::from_value(v["status"].clone())?;
+        let st: crate::agent::status::Status = serde_json::from_value(v["status"].clone())?;
         let left = (st.outbox.pending + st.outbox.waiting) as u64;
         bar.set_position(total.saturating_sub(left));
         let base = *failures_at_start.get_or_insert(st.uploads.failed_attempts);

@@ -167,9 +167,11 @@ impl SqliteStore {
                 source,
             })?;
         }
-        crate::outbox::store::make_private(path).map_err(|source| GatewayStoreError::Io {
-            path: path.to_owned(),
-            source,
+        crate::agent::outbox::store::make_private(path).map_err(|source| {
+            GatewayStoreError::Io {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         give_to_dir_owner(path);
         let err = |source| GatewayStoreError::Sqlite {

@@ -123,7 +123,7 @@ impl TokenStore {
             path: path.to_owned(),
             source,
         };
-        crate::outbox::store::make_private(path).map_err(|source| StoreError::Dir {
+        crate::agent::outbox::store::make_private(path).map_err(|source| StoreError::Dir {
             path: path.to_owned(),
             source,
         })?;

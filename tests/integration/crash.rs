@@ -72,7 +72,7 @@ async fn sigkill_at_random_moments_loses_no_use() {
     let outbox = d.path().join("outbox.sqlite");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let c = ehc_agent::outbox::Store::open(&outbox)
+        let c = ehc_agent::agent::outbox::Store::open(&outbox)
             .unwrap()
             .counts()
             .unwrap();
@@ -159,7 +159,7 @@ async fn killed_after_the_platform_received_a_report() {
     })
     .await;
     assert_eq!(st["uniqueReports"], 1, "{st}");
-    let store = ehc_agent::outbox::Store::open(&d.path().join("outbox.sqlite")).unwrap();
+    let store = ehc_agent::agent::outbox::Store::open(&d.path().join("outbox.sqlite")).unwrap();
     let mut tries = 0;
     loop {
         let c = store.counts().unwrap();

@@ -35,29 +35,30 @@ fn replay_every_target() {
             ehc_agent::config::Terminator::Crlf,
             ehc_agent::config::Terminator::None,
         ] {
-            let mut f = ehc_agent::scanner::framing::Framer::new(t, 64, Duration::from_millis(5));
+            let mut f =
+                ehc_agent::agent::scanner::framing::Framer::new(t, 64, Duration::from_millis(5));
             let _ = f.push(&data, Instant::now());
             let _ = f.idle(Instant::now());
         }
     }
     for (_, data) in inputs("keymap") {
-        let mut d = ehc_agent::scanner::keymap::Decoder::new(true);
+        let mut d = ehc_agent::agent::scanner::keymap::Decoder::new(true);
         for c in data.chunks(8) {
             let _ = d.report(c);
         }
     }
     for (_, data) in inputs("hidpos") {
         for l in [
-            ehc_agent::scanner::hidpos::Layout::Honeywell,
-            ehc_agent::scanner::hidpos::Layout::Newland,
+            ehc_agent::agent::scanner::hidpos::Layout::Honeywell,
+            ehc_agent::agent::scanner::hidpos::Layout::Newland,
         ] {
-            let mut a = ehc_agent::scanner::hidpos::Assembler::new(l, 200);
+            let mut a = ehc_agent::agent::scanner::hidpos::Assembler::new(l, 200);
             let _ = a.report(&data);
             let _ = a.idle();
         }
     }
     for (_, data) in inputs("his_message") {
-        let _ = ehc_agent::his::protocol::parse_in(&data);
+        let _ = ehc_agent::agent::his::protocol::parse_in(&data);
     }
     for (_, data) in inputs("platform_response") {
         use ehc_agent::platform::api::*;

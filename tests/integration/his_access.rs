@@ -256,7 +256,7 @@ async fn uses_per_scan_are_bounded() {
     let mut his = HisClient::unix(&d).await;
     d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
     let card = his.next_of(&["card"]).await;
-    let max = ehc_agent::pipeline::MAX_USES_PER_SCAN;
+    let max = ehc_agent::agent::pipeline::MAX_USES_PER_SCAN;
     for i in 0..=max {
         his.send(&json!({"type": "use", "scanId": card["scanId"], "scene": "010105", "ref": i}))
             .await;

@@ -5,9 +5,9 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use ehc_agent::agent::outbox::uploader::{self, UploaderSettings};
+use ehc_agent::agent::outbox::{Kind, NewRow, Outbox};
 use ehc_agent::clock;
-use ehc_agent::outbox::uploader::{self, UploaderSettings};
-use ehc_agent::outbox::{Kind, NewRow, Outbox};
 use ehc_agent::platform::client::new_request_id;
 use ehc_agent::sim::{SimConfig, SimServer};
 use serde_json::json;
@@ -123,7 +123,7 @@ async fn long_outage_then_everything_drains() {
     let rows = loop {
         let rows = rig
             .outbox
-            .with_store(|s| s.list(ehc_agent::outbox::State::Pending, 100))
+            .with_store(|s| s.list(ehc_agent::agent::outbox::State::Pending, 100))
             .await
             .unwrap();
         if rows.iter().all(|r| r.attempts >= 1) {
@@ -272,7 +272,7 @@ async fn permanent_error_parks_the_row_until_retried() {
     );
     let held = rig
         .outbox
-        .with_store(|s| s.list(ehc_agent::outbox::State::Held, 10))
+        .with_store(|s| s.list(ehc_agent::agent::outbox::State::Held, 10))
         .await
         .unwrap();
     assert_eq!(held.len(), 1);
@@ -362,7 +362,7 @@ async fn full_disk_spills_to_memory_and_writes_when_space_returns() {
 /// reported twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn use_wait_deadline_holds_and_each_card_is_reported_once() {
-    use ehc_agent::outbox::Replaced;
+    use ehc_agent::agent::outbox::Replaced;
     let rig = Rig::new(SimConfig::default(), SECRET).await;
     let waiting = |scan: &str| NewRow {
         scan_id: scan.into(),

@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use ehc_agent::outbox::{Kind, NewRow, Store};
+use ehc_agent::agent::outbox::{Kind, NewRow, Store};
 use serde_json::Value;
 
 use crate::common::*;

@@ -217,7 +217,7 @@ async fn use_wait_replaces_the_default_use() {
         "HIS's use, not the waiting default"
     );
     // The waiting default was replaced: nothing else is pending in the outbox.
-    let store = ehc_agent::outbox::Store::open(&d.path().join("outbox.sqlite")).unwrap();
+    let store = ehc_agent::agent::outbox::Store::open(&d.path().join("outbox.sqlite")).unwrap();
     let c = store.counts().unwrap();
     assert_eq!(
         (c.waiting, c.pending + c.sent),

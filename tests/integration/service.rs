@@ -80,11 +80,11 @@ async fn sigterm_under_load_exits_0_and_loses_nothing() {
             seen.push(m["scanId"].as_str().unwrap().to_owned());
         }
     }
-    let store = ehc_agent::outbox::Store::open(&dir.path().join("outbox.sqlite")).unwrap();
+    let store = ehc_agent::agent::outbox::Store::open(&dir.path().join("outbox.sqlite")).unwrap();
     let mut scans = std::collections::HashSet::new();
     for st in [
-        ehc_agent::outbox::State::Pending,
-        ehc_agent::outbox::State::Sent,
+        ehc_agent::agent::outbox::State::Pending,
+        ehc_agent::agent::outbox::State::Sent,
     ] {
         for r in store.list(st, 1000).unwrap() {
             scans.insert(r.scan_id);

@@ -419,7 +419,7 @@ mod tests {
 mod udev_rules {
     #[test]
     fn shipped_rules_cover_the_vendors_and_nodes() {
-        let rules = include_str!("../../udev/60-ehc-agent.rules");
+        let rules = include_str!("../../../udev/60-ehc-agent.rules");
         for (vid, _) in super::SCANNER_VENDORS {
             assert!(
                 rules.contains(&format!("ATTRS{{idVendor}}==\"{vid:04x}\"")),

@@ -45,18 +45,18 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agent::his::protocol::{Out, PROTOCOL_VERSION};
+use crate::agent::his::{HisSettings, Hub, Server};
+use crate::agent::outbox::uploader::{self, UploaderSettings};
+use crate::agent::outbox::{Outbox, StoreError};
+use crate::agent::pipeline::{Pipeline, PipelineSettings};
+use crate::agent::scanner::device::ScannerStates;
+use crate::agent::scanner::{self, Scan};
+use crate::agent::status::{OutboxView, ScannerView, Status, TokenView, UploadsView};
 use crate::clock;
 use crate::config::{self, Config, Env, ScannerKind};
-use crate::his::protocol::{Out, PROTOCOL_VERSION};
-use crate::his::{HisSettings, Hub, Server};
-use crate::outbox::uploader::{self, UploaderSettings};
-use crate::outbox::{Outbox, StoreError};
-use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::platform::client::BuildError;
 use crate::platform::{Client, ClientSettings};
-use crate::scanner::device::ScannerStates;
-use crate::scanner::{self, Scan};
-use crate::status::{OutboxView, ScannerView, Status, TokenView, UploadsView};
 
 /// Scans resolved at the same time (each may wait on the platform).
 const PARALLEL_SCANS: usize = 8;
@@ -72,11 +72,11 @@ pub enum StartError {
     #[error(transparent)]
     Client(#[from] BuildError),
     #[error(transparent)]
-    His(#[from] crate::his::server::HisError),
+    His(#[from] crate::agent::his::server::HisError),
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::agent::control::ControlError),
     #[error(transparent)]
-    HisToken(#[from] crate::his::token::TokenError),
+    HisToken(#[from] crate::agent::his::token::TokenError),
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -93,7 +93,7 @@ impl StartError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            StartError::His(crate::his::server::HisError::NoSuchGroup(_))
+            StartError::His(crate::agent::his::server::HisError::NoSuchGroup(_))
         )
     }
 }
@@ -294,13 +294,13 @@ fn hello(cfg: &Config) -> Out {
 /// present (loaded, or made and published, only when one of them is on).
 fn his_settings(cfg: &Config) -> Result<HisSettings, StartError> {
     let token = if cfg.his_tcp.is_some() || cfg.his_ws.is_some() {
-        let gid = crate::his::server::socket_gid(cfg.his.socket_group.as_deref())?;
+        let gid = crate::agent::his::server::socket_gid(cfg.his.socket_group.as_deref())?;
         let state_dir = cfg
             .state_path
             .parent()
             .map(std::path::Path::to_path_buf)
             .unwrap_or_default();
-        let loaded = crate::his::token::load(
+        let loaded = crate::agent::his::token::load(
             cfg.his_token.as_ref().map(|t| t.expose()),
             &state_dir,
             &cfg.his_unix,
@@ -364,18 +364,18 @@ impl App {
             hub.clone(),
         ));
         let his = his_settings(cfg)?;
-        let gid = crate::his::server::socket_gid(his.socket_group.as_deref())?;
-        let unix_l = crate::his::server::bind_unix(&cfg.his_unix, gid).await?;
+        let gid = crate::agent::his::server::socket_gid(his.socket_group.as_deref())?;
+        let unix_l = crate::agent::his::server::bind_unix(&cfg.his_unix, gid).await?;
         let tcp_l = match cfg.his_tcp {
-            Some(a) => Some(crate::his::server::bind_tcp(a).await?),
+            Some(a) => Some(crate::agent::his::server::bind_tcp(a).await?),
             None => None,
         };
         let ws_l = match cfg.his_ws {
-            Some(a) => Some(crate::his::server::bind_tcp(a).await?),
+            Some(a) => Some(crate::agent::his::server::bind_tcp(a).await?),
             None => None,
         };
-        let control_path = crate::control::path_for(&cfg.his_unix);
-        let control = crate::control::bind(&control_path).await?;
+        let control_path = crate::agent::control::path_for(&cfg.his_unix);
+        let control = crate::agent::control::bind(&control_path).await?;
         let metrics_listener = match cfg.metrics {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -427,7 +427,7 @@ impl App {
             }
         });
         let control_stop = cancel.child_token();
-        crate::control::serve(
+        crate::agent::control::serve(
             control,
             control_path.clone(),
             core.clone(),
@@ -586,8 +586,9 @@ impl App {
             )),
         }
         if new.his_unix != old.his_unix {
-            let bound = match crate::his::server::socket_gid(new.his.socket_group.as_deref()) {
-                Ok(gid) => crate::his::server::bind_unix(&new.his_unix, gid)
+            let bound = match crate::agent::his::server::socket_gid(new.his.socket_group.as_deref())
+            {
+                Ok(gid) => crate::agent::his::server::bind_unix(&new.his_unix, gid)
                     .await
                     .map(|l| (l, gid)),
                 Err(e) => Err(e),
@@ -612,12 +613,12 @@ impl App {
                     old.his_unix.display()
                 )),
             }
-            let control_path = crate::control::path_for(&new.his_unix);
+            let control_path = crate::agent::control::path_for(&new.his_unix);
             if control_path != self.running.control.key {
-                match crate::control::bind(&control_path).await {
+                match crate::agent::control::bind(&control_path).await {
                     Ok(l) => {
                         let stop = self.cancel.child_token();
-                        crate::control::serve(
+                        crate::agent::control::serve(
                             l,
                             control_path.clone(),
                             self.core.clone(),
@@ -752,7 +753,7 @@ impl App {
             }
             return None;
         };
-        match crate::his::server::bind_tcp(addr).await {
+        match crate::agent::his::server::bind_tcp(addr).await {
             Ok(l) => {
                 let bound = l.local_addr().ok();
                 let stop = self.cancel.child_token();

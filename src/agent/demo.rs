@@ -22,7 +22,7 @@ use anyhow::{bail, Context as _};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::app::App;
+use crate::agent::app::App;
 use crate::config::{self, Env};
 use crate::sim::{SimConfig, SimServer};
 
@@ -127,7 +127,7 @@ pub async fn run(script: Option<PathBuf>) -> anyhow::Result<bool> {
         Some(path) => {
             let text =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            crate::scanner::stdin::run_mapped(
+            crate::agent::scanner::stdin::run_mapped(
                 "demo".into(),
                 text.as_slice(),
                 Duration::ZERO,
@@ -138,7 +138,7 @@ pub async fn run(script: Option<PathBuf>) -> anyhow::Result<bool> {
         }
         None => {
             say("Paste or type a code and press Enter; Ctrl-D ends the demo.".into());
-            crate::scanner::stdin::run_mapped(
+            crate::agent::scanner::stdin::run_mapped(
                 "stdin".into(),
                 tokio::io::stdin(),
                 Duration::ZERO,

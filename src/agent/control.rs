@@ -18,9 +18,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::Core;
+use crate::agent::app::Core;
+use crate::agent::outbox::report;
 use crate::clock;
-use crate::outbox::report;
 
 /// Longest request line.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -156,7 +156,7 @@ async fn handle(req: Request, core: &Core) -> Value {
     match req {
         Request::Status => json!({"ok": true, "status": core.status().await}),
         Request::Scan { text, scanner } => {
-            let scan = crate::scanner::Scan {
+            let scan = crate::agent::scanner::Scan {
                 scanner: scanner.unwrap_or_else(|| "control".into()),
                 text,
                 at: clock::now_unix(),

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent::outbox::report::age;
+use crate::agent::scanner::device::ScannerStatus;
+use crate::agent::scanner::ScannerState;
 use crate::clock;
-use crate::outbox::report::age;
-use crate::scanner::device::ScannerStatus;
-use crate::scanner::ScannerState;
 
 /// A use waiting longer than this needs a look (an hour of outage is normal).
 pub const OLD_PENDING_S: i64 = 6 * 3600;
@@ -34,7 +34,7 @@ pub struct Status {
     pub outbox: OutboxView,
     pub uploads: UploadsView,
     pub token: TokenView,
-    pub scans: crate::pipeline::ScanStats,
+    pub scans: crate::agent::pipeline::ScanStats,
     /// Things an operator should look at; empty when all is well.
     pub attention: Vec<String>,
 }

@@ -21,20 +21,20 @@ use std::sync::Mutex;
 use serde_json::Value;
 use time::UtcOffset;
 
+use crate::agent::his::protocol::{CardIdentity, FailReason, In, Out};
+use crate::agent::his::server::Handler;
+use crate::agent::his::Hub;
+use crate::agent::outbox::{Kind, NewRow, Outbox, Replaced};
+use crate::agent::scanner::Scan;
 use crate::clock;
 use crate::code::{self, Code};
 use crate::config::{Config, StaticOffline};
-use crate::his::protocol::{CardIdentity, FailReason, In, Out};
-use crate::his::server::Handler;
-use crate::his::Hub;
-use crate::outbox::{Kind, NewRow, Outbox, Replaced};
 use crate::pii;
 use crate::platform::api::{
     BindReq, GetHealthCardByQrCode, QrCodeReq, ReportReq, VerifyQrCode, VerifyQrCodeReq,
 };
 use crate::platform::client::new_request_id;
 use crate::platform::{tables, CallError, CallOptions, Client};
-use crate::scanner::Scan;
 
 /// How many scans are remembered for `use` and `bind`.
 const REMEMBERED_SCANS: usize = 4096;
