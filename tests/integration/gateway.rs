@@ -40,6 +40,23 @@ async fn post_to(base: &str, api: &str, env: &Value) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Scan card `i` at `d`; HIS must get it verified.
+async fn scan_verified(
+    d: &mut Daemon,
+    his: &mut HisClient,
+    sim: &ehc_agent::sim::SimServer,
+    i: usize,
+) -> Value {
+    d.scan(&sim.with_state(|s| s.static_code(i)).unwrap());
+    let m = his.next_of(&["card", "scanFailed"]).await;
+    assert_eq!(
+        (m["type"].as_str(), m["verified"].as_bool()),
+        (Some("card"), Some(true)),
+        "{m}"
+    );
+    m
+}
+
 /// The answers a terminal gets are the platform's: 21006 for a bad
 /// signature, 21002 for a revoked terminal, 20002 for a skewed clock; a
 /// good call is forwarded with its requestId and answered with the
@@ -240,10 +257,7 @@ async fn ten_agents_behind_one_gateway_share_one_token() {
     let mut round = 0;
     while started.elapsed() < std::time::Duration::from_secs(25) {
         for (i, (d, his)) in agents.iter_mut().enumerate() {
-            d.scan(&sim.with_state(|s| s.static_code((round + i) % 3)).unwrap());
-            let m = his.next_of(&["card", "scanFailed"]).await;
-            assert_eq!(m["type"], "card", "agent {i}: {m}");
-            assert_eq!(m["verified"], true, "agent {i}: {m}");
+            let m = scan_verified(d, his, &sim, (round + i) % 3).await;
             delivered.push(m["scanId"].as_str().unwrap().to_owned());
         }
         round += 1;
@@ -296,13 +310,7 @@ async fn an_agent_fails_over_to_the_next_gateway() {
     };
     let mut d = Daemon::start_with(&sim, opts).await;
     let mut his = HisClient::unix(&d).await;
-    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
-    let m = his.next_of(&["card", "scanFailed"]).await;
-    assert_eq!(
-        (m["type"].as_str(), m["verified"].as_bool()),
-        (Some("card"), Some(true)),
-        "{m}"
-    );
+    scan_verified(&mut d, &mut his, &sim, 0).await;
     d.wait_log("cannot connect; trying the next address", 1);
     gw.stop().await;
 }
@@ -355,13 +363,7 @@ async fn terminals_reach_the_gateway_over_tls_with_the_hospital_ca() {
     };
     let mut d = Daemon::start_with(&sim, with_ca).await;
     let mut his = HisClient::unix(&d).await;
-    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
-    let m = his.next_of(&["card", "scanFailed"]).await;
-    assert_eq!(
-        (m["type"].as_str(), m["verified"].as_bool()),
-        (Some("card"), Some(true)),
-        "{m}"
-    );
+    scan_verified(&mut d, &mut his, &sim, 0).await;
 
     let without_ca = Options {
         base_url: Some(gw.base_url()),

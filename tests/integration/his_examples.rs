@@ -22,6 +22,18 @@ fn find(names: &[&str]) -> Option<String> {
     })
 }
 
+/// Wait for an example client to exit: its standard output and error,
+/// after asserting it exited 0.
+async fn finished(child: std::process::Child) -> (String, String) {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client() {
     let Some(python) = find(&["python3"]) else {
@@ -46,15 +58,7 @@ async fn python_example_client() {
         .unwrap();
     // The client may not be connected yet: the agent holds the card for it.
     d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = finished(child).await;
     assert!(
         stdout.contains("\"type\": \"card\"") && stdout.contains("测试甲"),
         "{stdout}"
@@ -91,15 +95,7 @@ async fn python_example_client_over_tcp_authenticates() {
         .spawn()
         .unwrap();
     d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = finished(child).await;
     assert!(
         stdout.contains("\"ref\": \"auth\", \"ok\": true"),
         "{stdout}"
@@ -140,12 +136,7 @@ async fn python_example_client_reconnects() {
     let dir = d.stop().2;
     let mut d = Daemon::start_in(dir, &sim, crate::daemon::Options::default()).await;
     d.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = finished(child).await;
     assert_eq!(stdout.matches("\"type\": \"card\"").count(), 2, "{stdout}");
     assert!(stderr.contains("reconnecting"), "{stderr}");
 }
