@@ -220,6 +220,9 @@ pub enum TerminalAction {
         /// Write the terminal's secret to this file (mode 0600) instead of printing it.
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// Accept this terminal only from these networks (CIDR, repeat); default: any.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
     },
     /// List enrolled terminals.
     List {

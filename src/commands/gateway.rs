@@ -60,7 +60,18 @@ fn tls_init(dir: &std::path::Path, names: &[String]) -> anyhow::Result<ExitCode>
 fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitCode> {
     let store = crate::gateway::open_store(cfg)?;
     match action {
-        TerminalAction::Add { name, secret_file } => {
+        TerminalAction::Add {
+            name,
+            secret_file,
+            allow,
+        } => {
+            if let Some(bad) = allow
+                .iter()
+                .find(|n| !crate::gateway::server::valid_cidr(n))
+            {
+                eprintln!("ehc-agent gateway: --allow {bad}: not a network like 10.1.0.0/16");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
             let t = match store.add_terminal(&name, clock::now_unix()) {
                 Ok(t) => t,
                 Err(e) => {
@@ -68,6 +79,9 @@ fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitC
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }
             };
+            if !allow.is_empty() {
+                store.set_allow(&name, &allow)?;
+            }
             let secret_line = match &secret_file {
                 Some(p) => {
                     use std::os::unix::fs::OpenOptionsExt as _;
@@ -180,6 +194,23 @@ fn status(cfg: &GatewayConfig, json: bool) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some((url, prefix)) = &cfg.redis {
+        let r = crate::gateway::redis::RedisStore::new(url, prefix)?;
+        match r.ping() {
+            Ok(()) => println!(
+                "store: redis {url}: reachable; upstream token stored by {}",
+                r.token_holder()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| "nobody yet".into())
+            ),
+            Err(e) => {
+                println!("store: redis {url}: UNREACHABLE ({e}); the gateways serve from memory")
+            }
+        }
+    } else {
+        println!("store: {} (one gateway)", cfg.store_path().display());
     }
     match &token {
         Some(t) => println!(

@@ -207,6 +207,15 @@ impl RedisStore {
             revoked_at: num("revoked_at"),
             last_seen: num("last_seen"),
             last_peer: h.get("last_peer").cloned(),
+            allow: h
+                .get("allow")
+                .map(|a| {
+                    a.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
         }))
     }
 
@@ -282,6 +291,14 @@ impl RedisStore {
         }
         out.sort();
         Ok(out)
+    }
+
+    pub fn set_allow(&self, name: &str, allow: &[String]) -> Result<(), GatewayStoreError> {
+        if self.terminal(name)?.is_none() {
+            return Err(GatewayStoreError::NoSuchTerminal(name.into()));
+        }
+        let key = self.key(&format!("terminal:{name}"));
+        self.w(|c| c.hset::<_, _, _, ()>(&key, "allow", allow.join(",")))
     }
 
     /// Which gateway stored the upstream token, for `gateway status`.

@@ -293,6 +293,57 @@ async fn handle(
     }
 }
 
+/// Whether `peer` is in one of the networks of `allow` (CIDR like
+/// `10.1.0.0/16`, `fd00::/8`, or a bare address); an empty list allows any.
+pub fn allowed(peer: std::net::IpAddr, allow: &[String]) -> bool {
+    use std::net::IpAddr;
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+        v4 => v4,
+    };
+    allow.is_empty()
+        || allow.iter().any(|net| {
+            let (addr, len) = net.split_once('/').unwrap_or((net, ""));
+            let Ok(addr) = addr.parse::<IpAddr>() else {
+                return false;
+            };
+            match (peer, addr) {
+                (IpAddr::V4(p), IpAddr::V4(a)) => {
+                    let len: u32 = len.parse().unwrap_or(32).min(32);
+                    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                    u32::from(p) & mask == u32::from(a) & mask
+                }
+                (IpAddr::V6(p), IpAddr::V6(a)) => {
+                    let len: u32 = len.parse().unwrap_or(128).min(128);
+                    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                    u128::from(p) & mask == u128::from(a) & mask
+                }
+                _ => false,
+            }
+        })
+}
+
+/// Whether `net` is a CIDR (or address) [`allowed`] understands.
+pub fn valid_cidr(net: &str) -> bool {
+    let (addr, len) = net.split_once('/').unwrap_or((net, "0"));
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len.parse::<u32>().is_ok_and(|l| l <= 32),
+        Ok(std::net::IpAddr::V6(_)) => len.parse::<u32>().is_ok_and(|l| l <= 128),
+        Err(_) => false,
+    }
+}
+
+/// A terminal calling from outside its allowed networks: 21002, as for an
+/// app that may not call.
+fn from_allowed(t: &Terminal, peer: SocketAddr, rid: &str) -> Result<(), Answer> {
+    if allowed(peer.ip(), &t.allow) {
+        Ok(())
+    } else {
+        tracing::warn!(terminal = %t.name, peer = %peer, "a terminal called from outside its allowed networks; refused");
+        Err(Answer::err(21002, rid))
+    }
+}
+
 /// What the gateway does with a request that passed its checks.
 enum Admitted {
     /// getAppToken: answered by the gateway.
@@ -325,6 +376,7 @@ fn admit(
             }
             None => return Err(Answer::err(21002, rid)),
         };
+        from_allowed(&terminal, peer, rid)?;
         if env.hospital_id != gw.cfg.hospital_id {
             return Err(Answer::err(21005, rid));
         }
@@ -366,6 +418,7 @@ fn admit(
         Some(t) if t.revoked_at.is_none() => t,
         _ => return Err(Answer::err(21002, rid)),
     };
+    from_allowed(&terminal, peer, rid)?;
     env.verify(&terminal.secret)?;
     gw.seen(&terminal.name, now, peer);
     let day = clock::day_number(now, clock::BEIJING);
@@ -380,4 +433,31 @@ fn admit(
         return Err(Answer::err(10034, rid));
     }
     Ok(Admitted::Forward(terminal.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_networks() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let nets = vec![
+            "10.1.0.0/16".to_owned(),
+            "fd00::/8".to_owned(),
+            "192.168.5.7".to_owned(),
+        ];
+        assert!(allowed(ip("10.1.200.3"), &nets));
+        assert!(!allowed(ip("10.2.0.1"), &nets));
+        assert!(allowed(ip("::ffff:10.1.0.9"), &nets), "IPv4-mapped");
+        assert!(allowed(ip("fd12::1"), &nets));
+        assert!(allowed(ip("192.168.5.7"), &nets) && !allowed(ip("192.168.5.8"), &nets));
+        assert!(allowed(ip("8.8.8.8"), &[]), "no list: any");
+        assert!(
+            valid_cidr("10.0.0.0/8")
+                && valid_cidr("::1")
+                && !valid_cidr("10.0.0.0/33")
+                && !valid_cidr("x")
+        );
+    }
 }

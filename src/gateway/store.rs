@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS terminals (
     created_at INTEGER NOT NULL,
     revoked_at INTEGER,
     last_seen INTEGER,
-    last_peer TEXT
+    last_peer TEXT,
+    allow TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS terminal_tokens (
     token TEXT PRIMARY KEY,
@@ -104,6 +105,8 @@ delegate! {
     /// `limit`: the calls counted that day, or `None` when spent.
     fn take_budget(&self, api: &str, day: i64, limit: Option<u64>) -> Result<Option<u64>, GatewayStoreError>;
     fn budget_used(&self, day: i64) -> Result<Vec<(String, u64)>, GatewayStoreError>;
+    /// The source networks a terminal may call from (empty: any).
+    fn set_allow(&self, name: &str, allow: &[String]) -> Result<(), GatewayStoreError>;
 }
 
 /// A new terminal's appId and secret (the same for either store).
@@ -128,6 +131,7 @@ pub(crate) fn new_terminal(name: &str, now: i64) -> Result<Terminal, GatewayStor
         revoked_at: None,
         last_seen: None,
         last_peer: None,
+        allow: Vec::new(),
     })
 }
 
@@ -143,6 +147,8 @@ pub struct Terminal {
     pub revoked_at: Option<i64>,
     pub last_seen: Option<i64>,
     pub last_peer: Option<String>,
+    /// Source networks (CIDR) the terminal may call from; empty: any.
+    pub allow: Vec<String>,
 }
 
 /// A token the gateway issued to a terminal.
@@ -253,7 +259,7 @@ impl SqliteStore {
     pub fn terminals(&self) -> Result<Vec<Terminal>, GatewayStoreError> {
         let c = self.conn();
         let mut st = c
-            .prepare("SELECT name, app_id, secret, created_at, revoked_at, last_seen, last_peer FROM terminals ORDER BY name")
+            .prepare("SELECT name, app_id, secret, created_at, revoked_at, last_seen, last_peer, allow FROM terminals ORDER BY name")
             .map_err(|e| self.err(e))?;
         let rows = st.query_map([], terminal_from).map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
@@ -262,7 +268,7 @@ impl SqliteStore {
     pub fn terminal_by_app_id(&self, app_id: &str) -> Result<Option<Terminal>, GatewayStoreError> {
         self.conn()
             .query_row(
-                "SELECT name, app_id, secret, created_at, revoked_at, last_seen, last_peer FROM terminals WHERE app_id = ?1",
+                "SELECT name, app_id, secret, created_at, revoked_at, last_seen, last_peer, allow FROM terminals WHERE app_id = ?1",
                 params![app_id],
                 terminal_from,
             )
@@ -273,7 +279,7 @@ impl SqliteStore {
     pub fn terminal(&self, name: &str) -> Result<Option<Terminal>, GatewayStoreError> {
         self.conn()
             .query_row(
-                "SELECT name, app_id, secret, created_at, revoked_at, last_seen, last_peer FROM terminals WHERE name = ?1",
+                "SELECT name, app_id, secret, created_at, revoked_at, last_seen, last_peer, allow FROM terminals WHERE name = ?1",
                 params![name],
                 terminal_from,
             )
@@ -360,6 +366,20 @@ impl SqliteStore {
         Ok(Some(used + 1))
     }
 
+    pub fn set_allow(&self, name: &str, allow: &[String]) -> Result<(), GatewayStoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE terminals SET allow = ?2 WHERE name = ?1",
+                params![name, allow.join(",")],
+            )
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(GatewayStoreError::NoSuchTerminal(name.into()));
+        }
+        Ok(())
+    }
+
     /// Calls counted per interface on Beijing day `day`.
     pub fn budget_used(&self, day: i64) -> Result<Vec<(String, u64)>, GatewayStoreError> {
         let c = self.conn();
@@ -413,6 +433,12 @@ fn terminal_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Terminal> {
         revoked_at: r.get(4)?,
         last_seen: r.get(5)?,
         last_peer: r.get(6)?,
+        allow: r
+            .get::<_, String>(7)?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 

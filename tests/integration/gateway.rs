@@ -113,6 +113,19 @@ async fn terminals_get_the_platforms_answers() {
     assert_eq!(code(&a), 21004, "{a}");
     let (_, a) = post_to(&base, "getAppToken", &token_req(&t.secret, now())).await;
     assert_eq!(code(&a), 21002, "{a}");
+    // A terminal allowed only from another network is refused from here.
+    let far = gw.store.add_terminal("WIN-FAR", now()).unwrap();
+    gw.store
+        .set_allow("WIN-FAR", &["10.0.0.0/8".into()])
+        .unwrap();
+    let far_req = |n| envelope("", &rid(n), json!({"appId": far.app_id}), &far.secret);
+    let (_, a) = post_to(&base, "getAppToken", &far_req(20)).await;
+    assert_eq!(code(&a), 21002, "{a}");
+    gw.store
+        .set_allow("WIN-FAR", &["127.0.0.0/8".into()])
+        .unwrap();
+    let (_, a) = post_to(&base, "getAppToken", &far_req(21)).await;
+    assert_eq!(code(&a), 0, "{a}");
     // The platform saw one account: one getAppToken, none of the
     // terminal's signatures.
     assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
