@@ -451,6 +451,9 @@ impl App {
             UploaderSettings::from_config(cfg),
             uploader_stop.clone(),
         ));
+        // The token is fetched now and refreshed ahead of expiry, so the
+        // first scan (and any near expiry) does not pay for getAppToken.
+        tracker.spawn(client.clone().keep_fresh(uploader_stop.clone()));
 
         let (tx, rx) = mpsc::channel::<Scan>(SCAN_QUEUE);
         let scan_tasks = TaskTracker::new();
@@ -571,10 +574,11 @@ impl App {
             let stop = self.cancel.child_token();
             self.tracker.spawn(uploader::run(
                 self.outbox.clone(),
-                client,
+                client.clone(),
                 UploaderSettings::from_config(new),
                 stop.clone(),
             ));
+            self.tracker.spawn(client.keep_fresh(stop.clone()));
             self.running.uploader = stop;
         }
 

@@ -29,7 +29,6 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -147,7 +146,7 @@ impl RunningGateway {
         let app = server::router(gw);
         let (s1, s2) = (stop.clone(), stop.clone());
         let refresher = upstream.clone();
-        tokio::spawn(async move { keep_token_fresh(refresher, s2).await });
+        tokio::spawn(async move { refresher.keep_fresh(s2).await });
         let task = match tls {
             None => tokio::spawn(async move {
                 let serve = axum::serve(
@@ -196,37 +195,6 @@ impl RunningGateway {
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
-    }
-}
-
-/// Refresh the upstream token ahead of its expiry (and fetch one at start),
-/// so forwarded calls find a fresh one. Failures are retried with backoff;
-/// calls in between refresh on demand as before.
-async fn keep_token_fresh(client: Client, stop: CancellationToken) {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let wait = match client.warm_token().await {
-            Ok(t) => {
-                backoff = Duration::from_secs(1);
-                // Wake when it stops being fresh (fresh_at's margin).
-                let now = crate::clock::now_unix();
-                let mut at = now + 1;
-                while t.fresh_at(at) && at < t.expires_at {
-                    at += ((t.expires_at - at) / 2).max(1);
-                }
-                Duration::from_secs((at - now).clamp(1, 3600) as u64)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_s = backoff.as_secs(), "upstream token refresh failed");
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(300));
-                w
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
     }
 }
 

@@ -374,6 +374,38 @@ impl Client {
             .await
     }
 
+    /// Refresh the token ahead of its expiry (and fetch one now), until
+    /// `stop`, so no call waiting on a person pays for getAppToken.
+    /// Failures are retried with backoff (1 s doubling to 5 min); calls in
+    /// between refresh on demand as before.
+    pub async fn keep_fresh(self, stop: tokio_util::sync::CancellationToken) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let wait = match self.warm_token().await {
+                Ok(t) => {
+                    backoff = Duration::from_secs(1);
+                    // Wake when it stops being fresh (fresh_at's margin).
+                    let now = clock::now_unix();
+                    let mut at = now + 1;
+                    while t.fresh_at(at) && at < t.expires_at {
+                        at += ((t.expires_at - at) / 2).max(1);
+                    }
+                    Duration::from_secs((at - now).clamp(1, 3600) as u64)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_s = backoff.as_secs(), "background token refresh failed");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                    w
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
     /// A token fresh enough to use, fetching one if needed.
     async fn valid_token(
         &self,

@@ -328,3 +328,22 @@ async fn failures_are_classified() {
         .unwrap_err();
     assert!(e.is_unavailable(), "{e:?}");
 }
+
+/// The token is fetched and kept fresh in the background: the first call
+/// (a patient's first scan after start) finds one and pays no getAppToken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_fetched_before_the_first_scan() {
+    let sim = sim().await;
+    let c = client(&sim);
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(c.clone().keep_fresh(stop.clone()));
+    crate::daemon::until_sim(&sim, "a token fetched with no call made", |s| {
+        s["calls"]["getAppToken"]["0"] == 1
+    })
+    .await;
+    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap();
+    assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
+    stop.cancel();
+}
