@@ -212,6 +212,10 @@ struct Inner {
     /// Rejected refreshes in a row (no successful call between them): the
     /// wait before the next one doubles with each.
     rejected_streak: AtomicI64,
+    /// The last refresh that failed, for the generation it tried to
+    /// replace: callers queued behind it get its answer instead of each
+    /// asking again (single flight for failures too).
+    last_failure: std::sync::Mutex<Option<(std::time::Instant, u64, FailedRefresh)>>,
     stats: ClientStats,
 }
 
@@ -294,6 +298,7 @@ impl Client {
                 refresh: Arc::new(tokio::sync::Mutex::new(())),
                 last_rejected_refresh: AtomicI64::new(i64::MIN / 2),
                 rejected_streak: AtomicI64::new(0),
+                last_failure: std::sync::Mutex::new(None),
                 stats: ClientStats::default(),
             }),
         })
@@ -393,6 +398,11 @@ impl Client {
                     Duration::from_secs((at - now).clamp(1, 3600) as u64)
                 }
                 Err(e) => {
+                    // A wrong secret or appId will not fix itself: ask
+                    // rarely (a reload with the right one starts afresh).
+                    if e.class() == Class::Configuration {
+                        backoff = Duration::from_secs(300);
+                    }
                     tracing::warn!(error = %e, retry_s = backoff.as_secs(), "background token refresh failed");
                     let w = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(300));
@@ -546,6 +556,40 @@ impl Client {
                 return Ok(t);
             }
         }
+        // The refresh we queued behind failed a moment ago: its answer is
+        // ours (20 uploads failing at once make one getAppToken, not 20).
+        if let Some((at, gen, failed)) = self
+            .inner
+            .last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            if *gen == seen && at.elapsed() < FAILURE_SHARED_FOR {
+                return Err(failed.error());
+            }
+        }
+        let result = self.refresh_locked(seen, reason, now).await;
+        let mut last = self
+            .inner
+            .last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *last = match &result {
+            // A refusal to refresh (churn) is not an answer of the platform.
+            Ok(_) | Err(CallError::TokenChurn { .. }) => None,
+            Err(e) => Some((std::time::Instant::now(), seen, FailedRefresh::of(e))),
+        };
+        result
+    }
+
+    /// The refresh itself, under the single-flight lock.
+    async fn refresh_locked(
+        &self,
+        seen: u64,
+        reason: Reason,
+        now: i64,
+    ) -> Result<Token, CallError> {
         // Another holder of the appId may have refreshed already: never ask
         // for a token while a newer one is in the shared store.
         let mut shared_gen = None;
@@ -836,6 +880,35 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, CallError> 
     }
     Ok(buf)
 }
+
+/// A failed refresh, kept to answer the callers that waited for it.
+#[derive(Debug, Clone)]
+enum FailedRefresh {
+    Platform(i64, String),
+    Other(String),
+}
+
+impl FailedRefresh {
+    fn of(e: &CallError) -> Self {
+        match e {
+            CallError::Platform { code, msg } => FailedRefresh::Platform(*code, msg.clone()),
+            other => FailedRefresh::Other(other.to_string()),
+        }
+    }
+
+    fn error(&self) -> CallError {
+        match self {
+            FailedRefresh::Platform(code, msg) => CallError::Platform {
+                code: *code,
+                msg: msg.clone(),
+            },
+            FailedRefresh::Other(m) => CallError::Unreachable(m.clone()),
+        }
+    }
+}
+
+/// How long a failed refresh answers for the callers that queued behind it.
+const FAILURE_SHARED_FOR: Duration = Duration::from_secs(2);
 
 /// What [`Client::lease_or_wait`] came to.
 enum Lease {

@@ -347,3 +347,28 @@ async fn the_token_is_fetched_before_the_first_scan() {
     assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
     stop.cancel();
 }
+
+/// Twenty calls failing at once because the secret is wrong make one
+/// getAppToken, not twenty: the callers queued behind a failed refresh get
+/// its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refresh_answers_everyone_who_waited_for_it() {
+    let sim = sim().await;
+    let mut st = settings(&sim, None);
+    st.secret = ehc_agent::config::Secret::new("not-the-secret");
+    let c = Client::new(st).unwrap();
+    set_faults(&sim, json!({"latency_ms": 100})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (c, r) = (c.clone(), qr_req(&sim));
+        tasks.push(tokio::spawn(async move {
+            c.call::<GetHealthCardByQrCode>(&r, CallOptions::scan())
+                .await
+        }));
+    }
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(e.result_code(), Some(21006), "{e:?}");
+    }
+    assert_eq!(calls(&sim, "getAppToken", "21006").await, 1);
+}
