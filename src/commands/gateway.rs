@@ -123,12 +123,17 @@ fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitC
             }
             let now = clock::now_unix();
             println!(
-                "{:<20} {:<32} {:<10} last seen",
-                "terminal", "app_id", "state"
+                "{:<20} {:<32} {:<10} {:<24} last seen",
+                "terminal", "app_id", "state", "allowed from"
             );
             for t in ts {
+                let from = if t.allow.is_empty() {
+                    "anywhere".to_owned()
+                } else {
+                    t.allow.join(",")
+                };
                 println!(
-                    "{:<20} {:<32} {:<10} {}",
+                    "{:<20} {:<32} {:<10} {from:<24} {}",
                     t.name,
                     t.app_id,
                     if t.revoked_at.is_some() {
