@@ -22,6 +22,15 @@ fn find(names: &[&str]) -> Option<String> {
     })
 }
 
+/// A python3 to run the example with, or the test's visible skip.
+fn python_or_skip(test: &str) -> Option<String> {
+    let found = find(&["python3"]);
+    if found.is_none() {
+        crate::common::skip(test, "python3 not installed", true);
+    }
+    found
+}
+
 /// Wait for an example client to exit: its standard output and error,
 /// after asserting it exited 0.
 async fn finished(child: std::process::Child) -> (String, String) {
@@ -36,8 +45,7 @@ async fn finished(child: std::process::Child) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client() {
-    let Some(python) = find(&["python3"]) else {
-        crate::common::skip("python_example_client", "python3 not installed", true);
+    let Some(python) = python_or_skip("python_example_client") else {
         return;
     };
     let sim = sim().await;
@@ -75,12 +83,7 @@ async fn python_example_client() {
 /// The Python client over loopback TCP authenticates with the token file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client_over_tcp_authenticates() {
-    let Some(python) = find(&["python3"]) else {
-        crate::common::skip(
-            "python_example_client_over_tcp_authenticates",
-            "python3 not installed",
-            true,
-        );
+    let Some(python) = python_or_skip("python_example_client_over_tcp_authenticates") else {
         return;
     };
     let sim = sim().await;
@@ -107,12 +110,7 @@ async fn python_example_client_over_tcp_authenticates() {
 /// stays the same) and gets the next card.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client_reconnects() {
-    let Some(python) = find(&["python3"]) else {
-        crate::common::skip(
-            "python_example_client_reconnects",
-            "python3 not installed",
-            true,
-        );
+    let Some(python) = python_or_skip("python_example_client_reconnects") else {
         return;
     };
     let sim = sim().await;
