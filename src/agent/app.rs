@@ -321,6 +321,7 @@ fn his_settings(cfg: &Config) -> Result<HisSettings, StartError> {
         allowed_origins: cfg.his.allowed_origins.clone(),
         token,
         max_clients: cfg.his.max_clients,
+        socket_gid: crate::agent::his::server::socket_gid(cfg.his.socket_group.as_deref())?,
     })
 }
 
@@ -364,8 +365,7 @@ impl App {
             hub.clone(),
         ));
         let his = his_settings(cfg)?;
-        let gid = crate::agent::his::server::socket_gid(his.socket_group.as_deref())?;
-        let unix_l = crate::agent::his::server::bind_unix(&cfg.his_unix, gid).await?;
+        let unix_l = crate::agent::his::server::bind_unix(&cfg.his_unix, his.socket_gid).await?;
         let tcp_l = match cfg.his_tcp {
             Some(a) => Some(crate::agent::his::server::bind_tcp(a).await?),
             None => None,
@@ -409,7 +409,7 @@ impl App {
         let his_tcp = tcp_l.as_ref().and_then(|l| l.local_addr().ok());
         let his_ws = ws_l.as_ref().and_then(|l| l.local_addr().ok());
         let unix_stop = cancel.child_token();
-        server.serve_unix(unix_l, cfg.his_unix.clone(), gid, unix_stop.clone());
+        server.serve_unix(unix_l, cfg.his_unix.clone(), unix_stop.clone());
         let tcp = tcp_l.map(|l| {
             let stop = cancel.child_token();
             server.serve_tcp(l, stop.clone());
@@ -584,24 +584,34 @@ impl App {
 
         // HIS: settings every new connection reads, then the listeners.
         match his_settings(new) {
-            Ok(his) => self.server.update(&hello(new), &his),
-            Err(e) => faults.push(format!(
-                "HIS token: {e}; TCP and WebSocket clients keep the previous token"
-            )),
+            Ok(his) => {
+                // A new socket_group on the same socket: hand it over now
+                // (the peer check reads the group from these settings).
+                if new.his.socket_group != old.his.socket_group && new.his_unix == old.his_unix {
+                    if let Some(gid) = his.socket_gid {
+                        if let Err(e) = std::os::unix::fs::chown(&old.his_unix, None, Some(gid)) {
+                            faults.push(format!(
+                                "his.socket_group: cannot give {} to the group: {e}",
+                                old.his_unix.display()
+                            ));
+                        }
+                    }
+                }
+                self.server.update(&hello(new), &his)
+            }
+            Err(e) => faults.push(format!("[his]: {e}; HIS clients are admitted as before")),
         }
         if new.his_unix != old.his_unix {
             let bound = match crate::agent::his::server::socket_gid(new.his.socket_group.as_deref())
             {
-                Ok(gid) => crate::agent::his::server::bind_unix(&new.his_unix, gid)
-                    .await
-                    .map(|l| (l, gid)),
+                Ok(gid) => crate::agent::his::server::bind_unix(&new.his_unix, gid).await,
                 Err(e) => Err(e),
             };
             match bound {
-                Ok((l, gid)) => {
+                Ok(l) => {
                     let stop = self.cancel.child_token();
                     self.server
-                        .serve_unix(l, new.his_unix.clone(), gid, stop.clone());
+                        .serve_unix(l, new.his_unix.clone(), stop.clone());
                     if let Some(p) = self.running.unix.replace(Part {
                         key: new.his_unix.clone(),
                         stop,

@@ -197,3 +197,37 @@ async fn shutdown_delivers_scans_already_read() {
     }
     assert_eq!(cards, 3);
 }
+
+/// A reload that changes only `socket_group` hands the socket to the new
+/// group at once (and the peer check admits that group from then on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_socket_group_takes_effect_on_reload() {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(nogroup) = nix::unistd::Group::from_name("nogroup").ok().flatten() else {
+        skip(
+            "a_new_socket_group_takes_effect_on_reload",
+            "no group `nogroup` on this machine",
+            false,
+        );
+        return;
+    };
+    let sim = sim().await;
+    let mut d = Daemon::start(&sim).await;
+    let mut his = HisClient::unix(&d).await;
+    let (p, text) = config(&d);
+    std::fs::write(
+        &p,
+        text.replace("[his]\n", "[his]\nsocket_group = \"nogroup\"\n"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.wait_log("configuration reloaded", 1);
+    assert_eq!(
+        std::fs::metadata(&d.sock).unwrap().gid(),
+        nogroup.gid.as_raw(),
+        "the socket belongs to the new group"
+    );
+    // Still serving the client connected before.
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    assert_eq!(his.next_of(&["card"]).await["verified"], true);
+}

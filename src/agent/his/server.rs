@@ -100,6 +100,8 @@ pub struct HisSettings {
     /// refuse every connection.
     pub token: Option<HisToken>,
     pub max_clients: usize,
+    /// `socket_group`'s gid, resolved: the Unix peer check admits it.
+    pub socket_gid: Option<u32>,
 }
 
 impl Default for HisSettings {
@@ -112,6 +114,7 @@ impl Default for HisSettings {
             allowed_origins: Vec::new(),
             token: None,
             max_clients: DEFAULT_MAX_CLIENTS,
+            socket_gid: None,
         }
     }
 }
@@ -310,6 +313,7 @@ struct Shared {
     token: Option<HisToken>,
     origins: Arc<Vec<String>>,
     max_clients: usize,
+    socket_gid: Option<u32>,
 }
 
 impl Shared {
@@ -334,6 +338,7 @@ impl Shared {
             token: s.token.clone(),
             origins: Arc::new(s.allowed_origins.clone()),
             max_clients: s.max_clients.max(1),
+            socket_gid: s.socket_gid,
         }
     }
 }
@@ -384,17 +389,12 @@ impl<H: Handler> Server<H> {
             Arc::new(Shared::new(hello, settings));
     }
 
-    /// Serve the Unix socket until `stop`; its file is removed then.
-    pub fn serve_unix(
-        &self,
-        l: UnixListener,
-        path: PathBuf,
-        gid: Option<u32>,
-        stop: CancellationToken,
-    ) {
+    /// Serve the Unix socket until `stop`; its file is removed then. The
+    /// peer check admits the socket group of the current settings.
+    pub fn serve_unix(&self, l: UnixListener, path: PathBuf, stop: CancellationToken) {
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
-            accept_unix(l, gid, Slots::new("unix"), ctx, stop).await;
+            accept_unix(l, Slots::new("unix"), ctx, stop).await;
             let _ = std::fs::remove_file(&path);
         });
     }
@@ -486,7 +486,6 @@ where
 
 async fn accept_unix<H: Handler>(
     l: UnixListener,
-    gid: Option<u32>,
     slots: Arc<Slots>,
     ctx: Ctx<H>,
     stop: CancellationToken,
@@ -509,6 +508,7 @@ async fn accept_unix<H: Handler>(
             pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
         );
         let groups = peer_groups(pid, uid, pgid);
+        let gid = ctx.shared().socket_gid;
         if !peer_allowed(uid, pgid, groups.as_deref(), own, gid) {
             let why = if groups.is_none() {
                 "its groups cannot be read"
