@@ -243,11 +243,10 @@ async fn handle(
         Ok(e) => e,
         Err(a) => return answer(a),
     };
-    let store = gw.store.clone();
     let checked = tokio::task::spawn_blocking({
         let gw = gw.clone();
         let env = env.clone();
-        move || admit(&gw, &store, api_name, &env, now, peer)
+        move || admit(&gw, api_name, &env, now, peer)
     })
     .await;
     let m = crate::metrics::get();
@@ -271,10 +270,9 @@ async fn handle(
         .forward(api_name, path, &env.req, &env.request_id, urgency(api_name))
         .await
     {
-        Ok((bytes, code)) if matches!(code, 21003 | 21004) => {
+        Ok((_, code)) if matches!(code, 21003 | 21004) => {
             m.gateway_request(api_name, "unavailable");
             tracing::error!(api = api_name, code, terminal = %terminal, "the platform refused the hospital's token even after a refresh");
-            let _ = bytes;
             unavailable("the platform refused the hospital's token; retry later")
         }
         Ok((bytes, code)) => {
@@ -355,7 +353,6 @@ enum Admitted {
 /// The terminal's checks and the budget (blocking: the store).
 fn admit(
     gw: &Gateway,
-    store: &GatewayStore,
     api_name: &str,
     env: &Envelope,
     now: i64,
@@ -392,7 +389,7 @@ fn admit(
         // Remembered here too: with the store down, this gateway still
         // knows the token it gave.
         gw.cache().tokens.insert(token.clone(), issued.clone());
-        if let Err(e) = store.issue_token(&issued) {
+        if let Err(e) = gw.store.issue_token(&issued) {
             tracing::error!(error = %e, terminal = %terminal.name, "the token could not be stored; only this gateway knows it");
         }
         gw.seen(&terminal.name, now, peer);
@@ -424,7 +421,8 @@ fn admit(
     let day = clock::day_number(now, clock::BEIJING);
     // A store that cannot count does not stop the scans: the call goes
     // uncounted (logged by the store read above).
-    if store
+    if gw
+        .store
         .take_budget(api_name, day, gw.cfg.daily_budget)
         .unwrap_or(Some(0))
         .is_none()

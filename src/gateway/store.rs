@@ -411,9 +411,7 @@ fn give_to_dir_owner(path: &Path) {
     else {
         return;
     };
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
+    for p in crate::agent::outbox::store::sqlite_files(path) {
         let _ = std::os::unix::fs::chown(&p, Some(owner.0), Some(owner.1));
     }
 }

@@ -558,6 +558,15 @@ impl Store {
 
 const COLS: &str = "id, request_id, kind, state, scan_id, payload, created_at, next_attempt_at, attempts, last_code, last_error, sent_at";
 
+/// An SQLite database's file and its `-wal` and `-shm` companions.
+pub fn sqlite_files(path: &Path) -> [PathBuf; 3] {
+    ["", "-wal", "-shm"].map(|suffix| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    })
+}
+
 /// Create an SQLite file (and tighten its `-wal` and `-shm` companions)
 /// with mode 0600, whatever the umask: the outbox holds QR texts and the
 /// state file the live appToken, which no other local account may read.
@@ -575,10 +584,7 @@ pub fn make_private(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let p = std::path::PathBuf::from(p);
+    for p in sqlite_files(path) {
         if let Ok(m) = std::fs::metadata(&p) {
             let mode = m.permissions().mode() & 0o777;
             if mode & 0o077 != 0 && m.is_file() {
