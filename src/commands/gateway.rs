@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use crate::cli::{GatewayAction, GatewayArgs, TerminalAction, TlsAction};
 use crate::clock;
 use crate::config::Env;
-use crate::gateway::config::{self, GatewayConfig, GatewayConfigError};
+use crate::gateway::config::{
+    self, BudgetScope, GatewayConfig, GatewayConfigError, HOSPITAL_COUNTER,
+};
 
 use super::{runtime, EXIT_USAGE};
 
@@ -192,7 +194,12 @@ fn status(cfg: &GatewayConfig, json: bool) -> anyhow::Result<ExitCode> {
             })),
             "budget": {
                 "day": clock::platform_time(now, clock::BEIJING)[..10].to_owned(),
-                "limit": cfg.daily_budget,
+                "limit": cfg.budget.map(|b| b.per_day),
+                "scope": cfg.budget.map(|b| match b.scope {
+                    BudgetScope::Interface => "interface",
+                    BudgetScope::Hospital => "hospital",
+                }),
+                "scanReserve": cfg.budget.map(|b| b.scan_reserve),
                 "used": used.iter().map(|(a, n)| (a.clone(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
             },
             "terminals": terminals,
@@ -230,16 +237,22 @@ fn status(cfg: &GatewayConfig, json: bool) -> anyhow::Result<ExitCode> {
         ),
         None => println!("upstream token: none yet"),
     }
-    println!(
-        "calls today (Beijing day), per interface{}:",
-        cfg.daily_budget
-            .map(|b| format!(", budget {b}"))
-            .unwrap_or_default()
-    );
+    match cfg.budget {
+        None => println!("calls today (Beijing day), per interface, no budget:"),
+        Some(b) if b.scope == BudgetScope::Interface => println!(
+            "calls today (Beijing day), per interface, budget {} each:",
+            b.per_day
+        ),
+        Some(b) => println!(
+            "calls today (Beijing day), budget {} for all interfaces together, the last {} for scans only:",
+            b.per_day, b.scan_reserve
+        ),
+    }
     for (api, n) in &used {
         let left = cfg
-            .daily_budget
-            .map(|b| format!(" ({} left)", b.saturating_sub(*n)))
+            .budget
+            .filter(|b| b.scope == BudgetScope::Interface || api == HOSPITAL_COUNTER)
+            .map(|b| format!(" ({} left)", b.per_day.saturating_sub(*n)))
             .unwrap_or_default();
         println!("  {api:<24} {n}{left}");
     }

@@ -9,6 +9,8 @@
 //! state_dir = "/var/lib/ehc-agent-gateway"  # default $STATE_DIRECTORY
 //! token_ttl_s = 7200                 # terminals' tokens
 //! daily_budget = 100                 # optional: calls per interface per Beijing day (10034 past it)
+//! budget_scope = "interface"         # or "hospital": every interface counted against one budget
+//! scan_reserve = 20                  # with "hospital": the last 20 calls kept for scans
 //!
 //! [upstream]
 //! base_url = "https://p-healthopen.tengmed.com"
@@ -49,6 +51,10 @@ struct GatewaySection {
     token_ttl_s: u64,
     #[serde(default)]
     daily_budget: Option<u64>,
+    #[serde(default)]
+    budget_scope: BudgetScope,
+    #[serde(default)]
+    scan_reserve: u64,
     #[serde(default = "default_skew")]
     max_skew_s: u64,
     /// Serve TLS with this certificate chain and key (`gateway tls init`).
@@ -102,6 +108,48 @@ fn default_upload_timeout() -> u64 {
     15000
 }
 
+/// What one `daily_budget` counts. The reference (3.1.1, 10034) limits
+/// each interface on its own, and that is the default; `hospital` is for a
+/// platform that counts a hospital's calls together, where the uploads
+/// (which wait in the terminals' outboxes without harm) must not spend the
+/// calls a patient at the window needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetScope {
+    #[default]
+    Interface,
+    Hospital,
+}
+
+/// The hospital's daily budget, as the gateway applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub per_day: u64,
+    pub scope: BudgetScope,
+    /// With `Hospital`: calls past `per_day - scan_reserve` go to scans only.
+    pub scan_reserve: u64,
+}
+
+/// The counter one call of `api` goes to in the hospital scope.
+pub const HOSPITAL_COUNTER: &str = "all";
+
+impl Budget {
+    /// The counter a call of `api` is taken from, and the most that counter
+    /// may reach for it.
+    pub fn counter<'a>(&self, api: &'a str) -> (&'a str, u64) {
+        use crate::platform::api::{Api as _, GetHealthCardByQrCode, VerifyQrCode};
+        match self.scope {
+            BudgetScope::Interface => (api, self.per_day),
+            BudgetScope::Hospital
+                if api == VerifyQrCode::NAME || api == GetHealthCardByQrCode::NAME =>
+            {
+                (HOSPITAL_COUNTER, self.per_day)
+            }
+            BudgetScope::Hospital => (HOSPITAL_COUNTER, self.per_day - self.scan_reserve),
+        }
+    }
+}
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -110,7 +158,7 @@ pub struct GatewayConfig {
     pub public_url: String,
     pub state_dir: PathBuf,
     pub token_ttl_s: u64,
-    pub daily_budget: Option<u64>,
+    pub budget: Option<Budget>,
     pub max_skew_s: u64,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -246,6 +294,23 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
     if g.daily_budget == Some(0) {
         problem("gateway.daily_budget", "must be greater than 0".into());
     }
+    if g.scan_reserve > 0 {
+        match (g.daily_budget, g.budget_scope) {
+            (None, _) => problem(
+                "gateway.scan_reserve",
+                "needs `daily_budget`: a reserve of no budget".into(),
+            ),
+            (Some(_), BudgetScope::Interface) => problem(
+                "gateway.scan_reserve",
+                "protects nothing with `budget_scope = \"interface\"` (scans and uploads are different interfaces, each with its own budget); set `budget_scope = \"hospital\"` if the platform counts the hospital's calls together".into(),
+            ),
+            (Some(b), BudgetScope::Hospital) if g.scan_reserve >= b => problem(
+                "gateway.scan_reserve",
+                format!("{} leaves no budget for uploads: it must be less than daily_budget ({b})", g.scan_reserve),
+            ),
+            _ => {}
+        }
+    }
     let u = &file.upstream;
     if reqwest::Url::parse(&u.base_url).is_err() {
         problem(
@@ -308,7 +373,11 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
         metrics_listen,
         redis: g.redis_url.clone().map(|u| (u, g.redis_prefix.clone())),
         token_ttl_s: g.token_ttl_s,
-        daily_budget: g.daily_budget,
+        budget: g.daily_budget.map(|per_day| Budget {
+            per_day,
+            scope: g.budget_scope,
+            scan_reserve: g.scan_reserve,
+        }),
         max_skew_s: g.max_skew_s,
         hospital_id: u.hospital_id.clone(),
         upstream: ClientSettings {
@@ -362,5 +431,47 @@ mod tests {
         let c = parse(&good, &d.path().join("g.toml"), &Env::default()).unwrap();
         assert_eq!(c.public_url, "http://127.0.0.1:7443");
         assert_eq!(c.upstream.secret.expose(), "sec");
+    }
+
+    #[test]
+    fn a_scan_reserve_only_where_it_protects_something() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("s");
+        std::fs::write(&secret, "sec").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |budget: &str| {
+            let text = format!(
+                "[gateway]\nlisten = \"127.0.0.1:7443\"\n{budget}\n[upstream]\nbase_url = \"http://127.0.0.1:1\"\napp_id = \"a\"\nhospital_id = \"h\"\napp_secret_file = \"{}\"\n",
+                secret.display()
+            );
+            parse(&text, &d.path().join("g.toml"), &Env::default())
+        };
+        for (budget, why) in [
+            ("scan_reserve = 5", "needs `daily_budget`"),
+            ("daily_budget = 100\nscan_reserve = 5", "protects nothing"),
+            (
+                "daily_budget = 5\nbudget_scope = \"hospital\"\nscan_reserve = 5",
+                "must be less than daily_budget (5)",
+            ),
+        ] {
+            let p = with(budget).unwrap_err();
+            assert_eq!(p.len(), 1, "{budget}: {p:?}");
+            assert_eq!(p[0].key, "gateway.scan_reserve");
+            assert!(p[0].message.contains(why), "{budget}: {}", p[0].message);
+        }
+        let p = with("daily_budget = 5\nbudget_scope = \"everything\"").unwrap_err();
+        assert!(p[0].message.contains("interface"), "{p:?}");
+
+        let b = with("daily_budget = 100\nbudget_scope = \"hospital\"\nscan_reserve = 20")
+            .unwrap()
+            .budget
+            .unwrap();
+        assert_eq!(b.counter("verifyQRCode"), (HOSPITAL_COUNTER, 100));
+        assert_eq!(b.counter("getHealthCardByQRCode"), (HOSPITAL_COUNTER, 100));
+        assert_eq!(b.counter("reportHISData"), (HOSPITAL_COUNTER, 80));
+        assert_eq!(b.counter("bindCardRelation"), (HOSPITAL_COUNTER, 80));
+        let b = with("daily_budget = 100").unwrap().budget.unwrap();
+        assert_eq!(b.counter("reportHISData"), ("reportHISData", 100));
+        assert_eq!(b.counter("verifyQRCode"), ("verifyQRCode", 100));
     }
 }

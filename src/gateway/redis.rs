@@ -283,10 +283,14 @@ impl RedisStore {
 
     pub fn budget_used(&self, day: i64) -> Result<Vec<(String, u64)>, GatewayStoreError> {
         let mut out = Vec::new();
-        for (api, _) in crate::platform::api::API_NAMES {
+        let counters = crate::platform::api::API_NAMES
+            .iter()
+            .map(|(api, _)| *api)
+            .chain([super::config::HOSPITAL_COUNTER]);
+        for api in counters {
             let n: Option<u64> = self.w(|c| c.get(self.key(&format!("budget:{day}:{api}"))))?;
             if let Some(n) = n {
-                out.push(((*api).to_owned(), n));
+                out.push((api.to_owned(), n));
             }
         }
         out.sort();

@@ -421,14 +421,22 @@ fn admit(
     let day = clock::day_number(now, clock::BEIJING);
     // A store that cannot count does not stop the scans: the call goes
     // uncounted (logged by the store read above).
-    if gw
-        .store
-        .take_budget(api_name, day, gw.cfg.daily_budget)
-        .unwrap_or(Some(0))
-        .is_none()
-    {
-        tracing::warn!(api = api_name, budget = ?gw.cfg.daily_budget, "the hospital's daily budget for this interface is spent; answering 10034 until Beijing midnight");
-        return Err(Answer::err(10034, rid));
+    if let Some(budget) = gw.cfg.budget {
+        let (counter, limit) = budget.counter(api_name);
+        if gw
+            .store
+            .take_budget(counter, day, Some(limit))
+            .unwrap_or(Some(0))
+            .is_none()
+        {
+            tracing::warn!(
+                api = api_name,
+                counter,
+                limit,
+                "the hospital's daily budget is spent for this interface; answering 10034 until Beijing midnight"
+            );
+            return Err(Answer::err(10034, rid));
+        }
     }
     Ok(Admitted::Forward(terminal.name))
 }

@@ -237,6 +237,62 @@ async fn the_daily_budget_is_the_hospitals() {
     gw.stop().await;
 }
 
+/// Where the platform counts a hospital's calls together
+/// (`budget_scope = "hospital"`), uploads stop short of the budget by the
+/// scan reserve, and the reserve goes to scans: a patient at the window is
+/// served after the day's uploads have used all they may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_leave_the_scan_reserve_to_scans() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(
+        &sim,
+        dir.path(),
+        "daily_budget = 4\nbudget_scope = \"hospital\"\nscan_reserve = 2",
+    )
+    .await;
+    let base = gw.base_url();
+    let t = gw.store.add_terminal("A", now()).unwrap();
+    let tok = post_to(
+        &base,
+        "getAppToken",
+        &envelope("", &rid(1), json!({"appId": t.app_id}), &t.secret),
+    )
+    .await
+    .1["rsp"]["appToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let mut n = 10;
+    let mut call = |api: &'static str, req: Value| {
+        n += 1;
+        let e = envelope(&tok, &rid(n), req, &t.secret);
+        let base = base.clone();
+        async move { code(&post_to(&base, api, &e).await.1) }
+    };
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(call("reportHISData", report(&qr)).await);
+    }
+    assert_eq!(codes, [0, 0, 10034], "uploads stop at budget - reserve");
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(call("getHealthCardByQRCode", json!({"qrCodeText": qr})).await);
+    }
+    assert_eq!(codes, [0, 0, 10034], "scans get the reserve, and no more");
+    assert_eq!(call("reportHISData", report(&qr)).await, 10034);
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, 2);
+    assert_eq!(calls(&sim, "reportHISData", "0").await, 2);
+    let day = ehc_agent::clock::day_number(now(), ehc_agent::clock::BEIJING);
+    assert_eq!(
+        gw.store.budget_used(day).unwrap(),
+        [("all".to_owned(), 4)],
+        "one counter for the hospital"
+    );
+    gw.stop().await;
+}
+
 /// Ten real agents behind one gateway, against a platform whose tokens live
 /// 10 s: scans at every window for 25 s. The platform sees one getAppToken
 /// per token lifetime (not one per agent, not a revocation storm), and every

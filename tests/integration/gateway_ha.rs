@@ -316,4 +316,15 @@ fn lease_and_compare_and_set() {
     );
     assert_eq!(s.load().unwrap().unwrap().value, "NEW");
     assert_eq!(s.token_holder().unwrap().as_deref(), Some("A"));
+
+    // The budget's counters, the hospital-wide one included.
+    let hospital = ehc_agent::gateway::config::HOSPITAL_COUNTER;
+    assert_eq!(s.take_budget(hospital, 9, Some(2)).unwrap(), Some(1));
+    assert_eq!(s.take_budget(hospital, 9, Some(2)).unwrap(), Some(2));
+    assert_eq!(s.take_budget(hospital, 9, Some(2)).unwrap(), None);
+    assert_eq!(s.take_budget("reportHISData", 9, None).unwrap(), Some(1));
+    assert_eq!(
+        s.budget_used(9).unwrap(),
+        [(hospital.to_owned(), 2), ("reportHISData".to_owned(), 1)]
+    );
 }
