@@ -47,29 +47,26 @@ def check(ok, what):
     return ok
 
 
-class Guest:
-    def __init__(self, a, mode, disk=None):
-        self.work = a.work
-        self.qmp_path = os.path.join(a.work, "qmp.sock")
-        self.ser_path = os.path.join(a.work, "ser.sock")
+class Qemu:
+    """A QEMU guest on the console (stdio), with QMP, a USB keyboard and a
+    USB-serial adapter whose far end is `ser.sock`. Shared with tests/vm."""
+
+    def __init__(self, work, args):
+        self.work = work
+        self.qmp_path = os.path.join(work, "qmp.sock")
+        self.ser_path = os.path.join(work, "ser.sock")
         for p in (self.qmp_path, self.ser_path):
             if os.path.exists(p):
                 os.unlink(p)
         args = [
             # i8042=off: no PS/2 keyboard, so QMP key events go to the USB one.
-            "qemu-system-x86_64", "-machine", "pc,i8042=off", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
+            "qemu-system-x86_64", "-machine", "pc,i8042=off", "-accel", "tcg", "-cpu", "max", "-smp", "1",
             "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", a.kernel, "-initrd", a.initrd,
-            "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 ehc_mode={mode}",
             "-device", "qemu-xhci,id=xhci",
-            "-device", "usb-kbd,id=kbd,bus=xhci.0",
             "-chardev", f"socket,id=ser0,path={self.ser_path},server=on,wait=off",
-            "-device", "usb-serial,id=ser,chardev=ser0,bus=xhci.0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-nic", "none",
-        ]
-        if disk:
-            args += ["-drive", f"file={disk},format=raw,if=virtio,cache=none"]
+        ] + args
         self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines = []
         self.cv = threading.Condition()
@@ -205,6 +202,21 @@ class Guest:
     def tail(self, n=40):
         with self.cv:
             return "\n".join(self.lines[-n:])
+
+
+class Guest(Qemu):
+    """The HIL guest: the initramfs of run.sh, in `mode`."""
+
+    def __init__(self, a, mode, disk=None):
+        args = [
+            "-m", "512", "-kernel", a.kernel, "-initrd", a.initrd,
+            "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 ehc_mode={mode}",
+            "-device", "usb-kbd,id=kbd,bus=xhci.0",
+            "-device", "usb-serial,id=ser,chardev=ser0,bus=xhci.0",
+        ]
+        if disk:
+            args += ["-drive", f"file={disk},format=raw,if=virtio,cache=none"]
+        super().__init__(a.work, args)
 
 
 def card_for(g, code, scanner, n=1, timeout=60):

@@ -32,16 +32,8 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# The kernel: Debian's, unpacked (nothing is installed on the host).
-if ! ls "$work"/k/boot/vmlinuz-* >/dev/null 2>&1; then
-    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-    (cd "$work" && apt-get download "$pkg" && dpkg-deb -x linux-image-*.deb k)
-fi
-kernel=$(ls "$work"/k/boot/vmlinuz-* | head -1)
-kver=$(basename "$(ls -d "$work"/k/lib/modules/*)")
-moddir="$work/k/lib/modules/$kver"
-# The package leaves modules.dep to depmod at install time.
-[ -f "$moddir/modules.dep" ] || depmod -b "$work/k" "$kver"
+. "$here/../lib/guest-kernel.sh"
+guest_kernel "$work"
 
 (cd "$root" && cargo build --release)
 agent="$root/target/release/ehc-agent"
@@ -59,22 +51,8 @@ for lib in $(ldd "$agent" | awk '/=> \//{print $3} /^\t\/lib/{print $1}'); do
 done
 # Modules and their dependencies, in load order (modules.dep lists deps).
 want="usb-common usbcore xhci-hcd xhci-pci hid usbhid hid-generic evdev usbserial ftdi_sio virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic libcrc32c ext4"
-order=()
-add() {
-    local rel
-    rel=$(awk -F: -v m="$1" '{n=$1; sub(/.*\//,"",n); sub(/\.ko.*/,"",n); gsub(/-/,"_",n); mm=m; gsub(/-/,"_",mm); if (n==mm) {print $1; exit}}' "$moddir/modules.dep")
-    [ -n "$rel" ] || return 0
-    local deps
-    deps=$(awk -F: -v r="$rel" '$1==r {print $2}' "$moddir/modules.dep")
-    for d in $deps; do
-        local dn; dn=$(basename "$d"); dn=${dn%%.ko*}; add "$dn"
-    done
-    for o in "${order[@]:-}"; do [ "$o" = "$rel" ] && return 0; done
-    order+=("$rel")
-}
-for m in $want; do add "$m"; done
 : > "$rd/modules.order"
-for rel in "${order[@]}"; do
+for rel in $(guest_modules "$moddir" $want); do
     cp "$moddir/$rel" "$rd/lib/modules/$(basename "$rel")"
     basename "$rel" >> "$rd/modules.order"
 done
