@@ -15,7 +15,11 @@
 # port on which tests/vm/vm-control runs the driver's shell commands. Needs
 # root (apt-get, mmdebstrap) and Debian's archive (a proxy or mirror works:
 # mmdebstrap uses the host's apt sources). Every check prints PASS or FAIL.
-set -euo pipefail
+#
+# Exit status: the number of failed checks; 77 when the guest could not be
+# set up (packages, the kernel, mmdebstrap), which .ci/run reports apart.
+set -Eeuo pipefail
+trap 'echo "tests/vm: setup failed at line $LINENO" >&2; exit 77' ERR
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 work=${VM_WORK:-/tmp/ehc-vm}
@@ -99,4 +103,5 @@ install -m 755 "$here/init" "$rd/init"
 echo "guest image: $(du -h --apparent-size "$work/disk.img" | cut -f1) sparse, $(du -h "$work/disk.img" | cut -f1) used, kernel $kver ($(( $(date +%s) - t )) s)"
 
 [ -n "${VM_BUILD_ONLY:-}" ] && exit 0
+trap - ERR
 exec python3 "$here/driver.py" --work "$work" --kernel "$kernel" --initrd "$work/initrd.gz" --disk "$work/disk.img" --mode "$mode"
