@@ -51,6 +51,8 @@ class Qemu:
     """A QEMU guest on the console (stdio), with QMP, a USB keyboard and a
     USB-serial adapter whose far end is `ser.sock`. Shared with tests/vm."""
 
+    started = []  # every QEMU process, for a driver that dies to kill
+
     def __init__(self, work, args):
         self.work = work
         self.qmp_path = os.path.join(work, "qmp.sock")
@@ -68,6 +70,7 @@ class Qemu:
             "-nic", "none",
         ] + args
         self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        Qemu.started.append(self.p)
         self.lines = []
         self.cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()

@@ -331,7 +331,20 @@ def run(a, quick):
     pats = "\n".join(words)
     write_file(vm, "/root/pii.txt", pats + "\n")
     rc, found = vm.sh("journalctl -b -o export --no-pager | grep -a -F -o -f /root/pii.txt | sort -u")
-    check(found.strip() == "", f"journal: no name, ID number or full QR text in {out.strip()} bytes of journal" + ("" if not found.strip() else f": {len(found.split())} found"))
+    found = found.split()
+    detail = ""
+    if found:
+        # Where: unit and field of each entry holding one (synthetic data).
+        where = vm.sh("journalctl -b -o json --no-pager | python3 -c '"
+                      "import json,sys\n"
+                      "w=[l.strip() for l in open(\"/root/pii.txt\") if l.strip()]\n"
+                      "for l in sys.stdin:\n"
+                      " e=json.loads(l)\n"
+                      " for k,v in e.items():\n"
+                      "  if isinstance(v,str) and any(x in v for x in w): print(e.get(\"_SYSTEMD_UNIT\"),e.get(\"SYSLOG_IDENTIFIER\"),k,v[:160])\n"
+                      "' | sort | uniq -c | head -20")[1]
+        detail = f": {len(found)} found:\n{where}"
+    check(not found, f"journal: no name, ID number or full QR text in {out.strip()} bytes of journal" + detail)
 
     # Upgrade: the edited configuration stays, the new binary runs.
     t = time.time()
@@ -366,7 +379,14 @@ def main():
     ap.add_argument("--mode", default="full")
     a = ap.parse_args()
     t0 = time.time()
-    vm = run(a, quick=a.mode == "quick")
+    vm = None
+    try:
+        vm = run(a, quick=a.mode == "quick")
+    finally:
+        # A driver that dies must not leave a guest spinning a core.
+        if vm is None or sys.exc_info()[0] is not None:
+            for p in list(hil.Qemu.started):
+                p.kill()
     if hil.FAILS:
         print("---- guest console (last lines) ----", flush=True)
         print(vm.tail(40), flush=True)
