@@ -330,21 +330,18 @@ def run(a, quick):
     words = [n for n, _ in CARDS] + [i for _, i in CARDS] + [static_code(i) for i in range(4)]
     pats = "\n".join(words)
     write_file(vm, "/root/pii.txt", pats + "\n")
-    rc, found = vm.sh("journalctl -b -o export --no-pager | grep -a -F -o -f /root/pii.txt | sort -u")
-    found = found.split()
-    detail = ""
-    if found:
-        # Where: unit and field of each entry holding one (synthetic data).
-        where = vm.sh("journalctl -b -o json --no-pager | python3 -c '"
-                      "import json,sys\n"
-                      "w=[l.strip() for l in open(\"/root/pii.txt\") if l.strip()]\n"
-                      "for l in sys.stdin:\n"
-                      " e=json.loads(l)\n"
-                      " for k,v in e.items():\n"
-                      "  if isinstance(v,str) and any(x in v for x in w): print(e.get(\"_SYSTEMD_UNIT\"),e.get(\"SYSLOG_IDENTIFIER\"),k,v[:160])\n"
-                      "' | sort | uniq -c | head -20")[1]
-        detail = f": {len(found)} found:\n{where}"
-    check(not found, f"journal: no name, ID number or full QR text in {out.strip()} bytes of journal" + detail)
+    # Every entry of the boot, every field, but the simulator's: it plays
+    # the platform and prints its synthetic cards' codes at start by design.
+    where = vm.sh("journalctl -b -o json --no-pager | python3 -c '"
+                  "import json,sys\n"
+                  "w=[l.strip() for l in open(\"/root/pii.txt\") if l.strip()]\n"
+                  "for l in sys.stdin:\n"
+                  " e=json.loads(l)\n"
+                  " if e.get(\"_SYSTEMD_UNIT\")==\"ehc-sim.service\": continue\n"
+                  " for k,v in e.items():\n"
+                  "  if isinstance(v,str) and any(x in v for x in w): print(e.get(\"_SYSTEMD_UNIT\"),e.get(\"SYSLOG_IDENTIFIER\"),k,v[:160])\n"
+                  "' | sort | uniq -c | head -20")[1].strip()
+    check(where == "", f"journal: no name, ID number or full QR text outside the simulator in {out.strip()} bytes of journal" + (f":\n{where}" if where else ""))
 
     # Upgrade: the edited configuration stays, the new binary runs.
     t = time.time()
