@@ -47,6 +47,20 @@ def check(ok, what):
     return ok
 
 
+def connect_unix(path, tries=100):
+    """A socket QEMU listens on, once it is there (QEMU creates it as it
+    starts); None if it never is."""
+    for _ in range(tries):
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            time.sleep(0.1)
+    return None
+
+
 class Qemu:
     """A QEMU guest on the console (stdio), with QMP, a USB keyboard and a
     USB-serial adapter whose far end is `ser.sock`. Shared with tests/vm."""
@@ -117,14 +131,7 @@ class Qemu:
 
     def qmp_cmd(self, execute, arguments=None):
         if self.qmp is None:
-            for _ in range(100):
-                try:
-                    s = socket.socket(socket.AF_UNIX)
-                    s.connect(self.qmp_path)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            self.qmp = s.makefile("rw")
+            self.qmp = connect_unix(self.qmp_path).makefile("rw")
             self.qmp.readline()  # greeting
             self._qmp_send({"execute": "qmp_capabilities"})
         return self._qmp_send({"execute": execute, **({"arguments": arguments} if arguments else {})})
@@ -165,14 +172,7 @@ class Qemu:
                 raise RuntimeError(f"QMP send-key: {r['error']}")
 
     def serial_connect(self):
-        for _ in range(100):
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(self.ser_path)
-                self.ser = s
-                return
-            except OSError:
-                time.sleep(0.1)
+        self.ser = connect_unix(self.ser_path)
 
     def serial_write(self, data):
         if self.ser is None:

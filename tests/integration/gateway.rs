@@ -40,6 +40,23 @@ async fn post_to(base: &str, api: &str, env: &Value) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Enrol terminal `name` at `gw` and get it a token there.
+async fn enrolled(
+    gw: &RunningGateway,
+    name: &str,
+) -> (ehc_agent::gateway::store::Terminal, String) {
+    let t = gw.store.add_terminal(name, now()).unwrap();
+    let a = post_to(
+        &gw.base_url(),
+        "getAppToken",
+        &envelope("", &rid(1), json!({"appId": t.app_id}), &t.secret),
+    )
+    .await
+    .1;
+    let token = a["rsp"]["appToken"].as_str().unwrap().to_owned();
+    (t, token)
+}
+
 /// Scan card `i` at `d`; HIS must get it verified.
 async fn scan_verified(
     d: &mut Daemon,
@@ -195,15 +212,7 @@ async fn the_daily_budget_is_the_hospitals() {
     let base = gw.base_url();
     let mut tokens = Vec::new();
     for name in ["A", "B"] {
-        let t = gw.store.add_terminal(name, now()).unwrap();
-        let a = post_to(
-            &base,
-            "getAppToken",
-            &envelope("", &rid(1), json!({"appId": t.app_id}), &t.secret),
-        )
-        .await
-        .1;
-        tokens.push((t, a["rsp"]["appToken"].as_str().unwrap().to_owned()));
+        tokens.push(enrolled(&gw, name).await);
     }
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     let mut codes = Vec::new();
@@ -252,17 +261,7 @@ async fn uploads_leave_the_scan_reserve_to_scans() {
     )
     .await;
     let base = gw.base_url();
-    let t = gw.store.add_terminal("A", now()).unwrap();
-    let tok = post_to(
-        &base,
-        "getAppToken",
-        &envelope("", &rid(1), json!({"appId": t.app_id}), &t.secret),
-    )
-    .await
-    .1["rsp"]["appToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (t, tok) = enrolled(&gw, "A").await;
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     let mut n = 10;
     let mut call = |api: &'static str, req: Value| {

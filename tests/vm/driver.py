@@ -12,6 +12,7 @@ the number of failures.
 """
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -49,16 +50,6 @@ class VM(hil.Qemu):
         self.ctl_buf = b""
         self.next_id = 0
 
-    def _ctl_connect(self):
-        for _ in range(100):
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(self.ctl_path)
-                self.ctl = s
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("cannot connect to the control channel")
 
     def _ctl_read(self, want_id, deadline):
         while True:
@@ -93,7 +84,9 @@ class VM(hil.Qemu):
         """Wait for the control channel: the guest has booted systemd far
         enough to start vm-control. Asks again every few seconds, since what
         was sent before the service opened the port is lost."""
-        self._ctl_connect()
+        self.ctl = hil.connect_unix(self.ctl_path)
+        if self.ctl is None:
+            raise RuntimeError("cannot connect to the control channel")
         deadline = time.time() + timeout
         while time.time() < deadline:
             i = self._send("true", 10)
@@ -193,7 +186,6 @@ path = "/var/lib/ehc-agent/outbox.sqlite"
 
 
 def write_file(vm, path, text, mode="644"):
-    import base64
     b = base64.b64encode(text.encode()).decode()
     return vm.sh(f"echo {b} | base64 -d > {path}.new && chmod {mode} {path}.new && mv {path}.new {path}")[0] == 0
 
