@@ -374,6 +374,8 @@ async fn gateway(terminals: usize, calls: usize, concurrency: usize) {
         upload_timeout: Duration::from_secs(10),
         proxy: None,
         ca_file: None,
+        warm: Duration::from_secs(25),
+        keep_warm: Duration::ZERO,
         state_path: None,
     };
     let via: Vec<Client> = creds
@@ -506,6 +508,8 @@ fn client_settings(sim: &SimServer) -> ClientSettings {
         upload_timeout: Duration::from_secs(30),
         proxy: None,
         ca_file: None,
+        warm: Duration::from_secs(25),
+        keep_warm: Duration::ZERO,
         state_path: None,
     }
 }

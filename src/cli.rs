@@ -143,6 +143,17 @@ pub struct SimArgs {
     /// Simulator configuration (TOML; see docs/simulator.md). Without it: the built-in demo identity and cards.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Serve HTTPS, as the platform does, with the certificate in DIR
+    /// (server.pem, server.key); made there with a CA (ca.pem: the agent's
+    /// `platform.ca_file`) when absent.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["cert", "key"])]
+    pub tls: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --key.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
     #[command(subcommand)]
     pub action: Option<SimAction>,
 }

@@ -71,6 +71,22 @@ pub struct PlatformSection {
     /// Where the token is kept across restarts. Defaults beside the outbox.
     #[serde(default)]
     pub state_path: Option<PathBuf>,
+    /// A connection used within this many seconds is taken to be open
+    /// (below the platform's keep-alive timeout), and the interval of the
+    /// keep-warm touch.
+    #[serde(default = "default_warm_s")]
+    pub warm_s: u64,
+    /// For how long after the last platform call one connection is kept
+    /// open through idle gaps (minutes; 0 = never).
+    #[serde(default = "default_keep_warm_min")]
+    pub keep_warm_min: u64,
+}
+
+fn default_warm_s() -> u64 {
+    25
+}
+fn default_keep_warm_min() -> u64 {
+    120
 }
 
 fn default_timeout_ms() -> u64 {
@@ -517,6 +533,7 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         v.nonempty("platform.hospital_id", &p.hospital_id);
         v.positive("platform.timeout_ms", p.timeout_ms);
         v.positive("platform.upload_timeout_ms", p.upload_timeout_ms);
+        v.positive("platform.warm_s", p.warm_s);
         if let Some(proxy) = &p.proxy {
             if reqwest::Proxy::all(proxy).is_err() {
                 v.problem("platform.proxy", format!("`{proxy}` is not a proxy URL"));
@@ -981,9 +998,11 @@ impl Config {
         );
         let _ = writeln!(
             s,
-            "           timeouts: scan {} ms, upload {} ms; proxy {}; extra CA {}",
+            "           timeouts: scan {} ms, upload {} ms; warm {} s, kept warm {} min; proxy {}; extra CA {}",
             p.timeout_ms,
             p.upload_timeout_ms,
+            p.warm_s,
+            p.keep_warm_min,
             p.proxy.as_deref().unwrap_or("none"),
             p.ca_file
                 .as_deref()

@@ -454,6 +454,20 @@ impl App {
         // The token is fetched now and refreshed ahead of expiry, so the
         // first scan (and any near expiry) does not pay for getAppToken.
         tracker.spawn(client.clone().keep_fresh(uploader_stop.clone()));
+        tracker.spawn(client.clone().keep_warm(uploader_stop.clone()));
+        // The first byte of a scan opens the platform connection if none is
+        // warm (the client in use now: a reload may have replaced it).
+        {
+            let (arrivals, core, stop) = (scanners.arrivals(), core.clone(), cancel.child_token());
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = arrivals.next() => core.client().preconnect(),
+                    }
+                }
+            });
+        }
 
         let (tx, rx) = mpsc::channel::<Scan>(SCAN_QUEUE);
         let scan_tasks = TaskTracker::new();
@@ -578,7 +592,8 @@ impl App {
                 UploaderSettings::from_config(new),
                 stop.clone(),
             ));
-            self.tracker.spawn(client.keep_fresh(stop.clone()));
+            self.tracker.spawn(client.clone().keep_fresh(stop.clone()));
+            self.tracker.spawn(client.keep_warm(stop.clone()));
             self.running.uploader = stop;
         }
 
@@ -835,15 +850,16 @@ fn start_scanner(
     intake: &TaskTracker,
 ) {
     if s.kind == ScannerKind::Stdin {
-        let (name, debounce, tx) = (
+        let (name, debounce, tx, arrivals) = (
             s.name.clone(),
             Duration::from_millis(s.debounce_ms),
             tx.clone(),
+            states.arrivals(),
         );
         intake.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = scanner::stdin::run(name, tokio::io::stdin(), debounce, tx) => {}
+                _ = scanner::stdin::run(name, tokio::io::stdin(), debounce, tx, arrivals) => {}
             }
         });
     } else {

@@ -132,6 +132,7 @@ pub async fn run(script: Option<PathBuf>) -> anyhow::Result<bool> {
                 text.as_slice(),
                 Duration::ZERO,
                 app.scans.clone(),
+                app.scanners.arrivals(),
                 expand,
             )
             .await
@@ -143,6 +144,7 @@ pub async fn run(script: Option<PathBuf>) -> anyhow::Result<bool> {
                 tokio::io::stdin(),
                 Duration::ZERO,
                 app.scans.clone(),
+                app.scanners.arrivals(),
                 expand,
             )
             .await

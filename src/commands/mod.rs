@@ -356,6 +356,35 @@ fn run_cmd(explicit: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The simulator's TLS acceptor from `--tls DIR` (made there when absent,
+/// for 127.0.0.1, ::1, localhost and the listen address) or `--cert/--key`.
+fn sim_tls(a: &SimArgs) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::gateway::tls::TlsError> {
+    use crate::gateway::tls;
+    let (cert, key) = match (&a.tls, &a.cert, &a.key) {
+        (Some(dir), _, _) => {
+            let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+            if !cert.exists() && !key.exists() {
+                let mut names: Vec<String> =
+                    vec!["127.0.0.1".into(), "::1".into(), "localhost".into()];
+                let ip = a.listen.ip();
+                if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+                    names.push(ip.to_string());
+                }
+                let files = tls::init(dir, &names)?;
+                println!(
+                    "made a CA and a certificate for {}: trust {} (the agent's platform.ca_file)",
+                    names.join(", "),
+                    files.ca_cert.display()
+                );
+            }
+            (cert, key)
+        }
+        (None, Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => return Ok(None),
+    };
+    tls::acceptor(&cert, &key).map(Some)
+}
+
 fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         match a.action {
@@ -370,7 +399,14 @@ fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {
                     },
                     None => crate::sim::SimConfig::default(),
                 };
-                crate::sim::run_forever(cfg, a.listen).await?;
+                let tls = match sim_tls(&a) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("ehc-agent sim: {e}");
+                        return Ok(ExitCode::from(EXIT_USAGE));
+                    }
+                };
+                crate::sim::run_forever(cfg, a.listen, tls).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Some(SimAction::Mint { at, card, ttl }) => {

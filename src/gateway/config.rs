@@ -99,6 +99,20 @@ struct UpstreamSection {
     proxy: Option<String>,
     #[serde(default)]
     ca_file: Option<PathBuf>,
+    /// As the agent's `[platform] warm_s` and `keep_warm_min`: the
+    /// gateway keeps its own connection to the platform warm, so a
+    /// terminal's scan after a quiet hour still costs one round trip.
+    #[serde(default = "default_warm_s")]
+    warm_s: u64,
+    #[serde(default = "default_keep_warm_min")]
+    keep_warm_min: u64,
+}
+
+fn default_warm_s() -> u64 {
+    25
+}
+fn default_keep_warm_min() -> u64 {
+    120
 }
 
 fn default_timeout() -> u64 {
@@ -390,6 +404,8 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
             upload_timeout: std::time::Duration::from_millis(u.upload_timeout_ms),
             proxy: u.proxy.clone(),
             ca_file: u.ca_file.as_deref().map(resolve),
+            warm: std::time::Duration::from_secs(u.warm_s.max(1)),
+            keep_warm: std::time::Duration::from_secs(u.keep_warm_min * 60),
             state_path: Some(state_dir.join("upstream.sqlite")),
             shared: None,
         },

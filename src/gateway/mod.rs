@@ -146,7 +146,10 @@ impl RunningGateway {
         let app = server::router(gw);
         let (s1, s2) = (stop.clone(), stop.clone());
         let refresher = upstream.clone();
+        let warmer = upstream.clone();
+        let s4 = stop.clone();
         tokio::spawn(async move { refresher.keep_fresh(s2).await });
+        tokio::spawn(async move { warmer.keep_warm(s4).await });
         let task = match tls {
             None => tokio::spawn(async move {
                 let serve = axum::serve(

@@ -191,7 +191,17 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             ),
         );
     }
-    r.fallback(|| async {
+    // A terminal's warm-up (`HEAD /`, not an API call): its connection is
+    // then open, and the gateway opens its own to the platform if none is
+    // warm, so the scan that follows is one round trip on each leg.
+    r.route(
+        "/",
+        axum::routing::head(|State(gw): State<Arc<Gateway>>| async move {
+            gw.upstream.preconnect();
+            StatusCode::NO_CONTENT
+        }),
+    )
+    .fallback(|| async {
         (
             StatusCode::NOT_FOUND,
             "not a health card open platform path\n",

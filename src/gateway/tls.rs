@@ -143,33 +143,48 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// A listener that yields TLS connections whose handshake has finished.
+/// Handshakes a [`TlsListener`] finished, by kind: a resumed one skipped
+/// the certificate exchange (the client held a session from before).
+#[derive(Debug, Default)]
+pub struct HandshakeCounts {
+    pub full: std::sync::atomic::AtomicU64,
+    pub resumed: std::sync::atomic::AtomicU64,
+}
+
+/// A listener that yields TLS connections whose handshake has finished,
+/// over any listener of TCP streams (a plain `TcpListener`, or the
+/// simulator's fault-injecting one).
 pub struct TlsListener {
     addr: SocketAddr,
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    counts: Arc<HandshakeCounts>,
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+    pub fn new<L>(mut listener: L, acceptor: TlsAcceptor) -> std::io::Result<Self>
+    where
+        L: axum::serve::Listener<Io = TcpStream, Addr = SocketAddr>,
+    {
         let addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
+        let counts = Arc::new(HandshakeCounts::default());
+        let c = counts.clone();
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gateway accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+                // axum's `Listener::accept` retries errors itself (with a
+                // pause), so EMFILE cannot spin this loop.
+                let (tcp, peer) = listener.accept().await;
                 if tx.is_closed() {
                     return;
                 }
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx, counts) = (acceptor.clone(), tx.clone(), c.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
+                            let resumed = tls.get_ref().1.handshake_kind()
+                                == Some(tokio_rustls::rustls::HandshakeKind::Resumed);
+                            let n = if resumed { &counts.resumed } else { &counts.full };
+                            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
@@ -180,7 +195,12 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { addr, rx })
+        Ok(TlsListener { addr, rx, counts })
+    }
+
+    /// Handshakes finished so far, full and resumed.
+    pub fn counts(&self) -> Arc<HandshakeCounts> {
+        self.counts.clone()
     }
 }
 

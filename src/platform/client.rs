@@ -36,6 +36,7 @@ use serde_json::{Map, Value};
 use super::api::{self, Api, GetAppToken, ResponseError, MAX_BODY};
 use super::error::{classify, Class};
 use super::sign;
+use super::warm::Warmth;
 use super::token::{Identity, SharedTokens, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL};
 use crate::clock;
 use crate::config::{Config, Secret};
@@ -141,6 +142,12 @@ pub struct ClientSettings {
     pub upload_timeout: Duration,
     pub proxy: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// A connection that answered within this is taken to be open; the
+    /// keep-warm interval ([`super::warm`]).
+    pub warm: Duration,
+    /// Keep one connection open for this long after the last API call
+    /// (zero: never touched).
+    pub keep_warm: Duration,
     /// `None`: keep the token in memory only.
     pub state_path: Option<PathBuf>,
     /// A token store shared with other holders of the appId (the
@@ -160,6 +167,8 @@ impl ClientSettings {
             upload_timeout: Duration::from_millis(c.platform.upload_timeout_ms),
             proxy: c.platform.proxy.clone(),
             ca_file: c.platform.ca_file.clone(),
+            warm: Duration::from_secs(c.platform.warm_s),
+            keep_warm: Duration::from_secs(c.platform.keep_warm_min * 60),
             state_path: Some(c.state_path.clone()),
             shared: None,
         }
@@ -217,6 +226,7 @@ struct Inner {
     /// asking again (single flight for failures too).
     last_failure: std::sync::Mutex<Option<(std::time::Instant, u64, FailedRefresh)>>,
     stats: ClientStats,
+    warmth: Warmth,
 }
 
 /// Why a token is being fetched.
@@ -251,7 +261,13 @@ impl Client {
             // connect attempt so an unreachable platform fails fast.
             .connect_timeout(settings.scan_timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(60));
+            // A connection idle past `warm` is not trusted (the platform may
+            // be closing it as the request goes out); the slack covers the
+            // keep-warm touch's own timing.
+            .pool_idle_timeout(settings.warm + Duration::from_secs(5))
+            // Keepalive probes keep NAT and firewall state of an idle
+            // connection without an HTTP request the platform would see.
+            .tcp_keepalive(Duration::from_secs(15));
         match &settings.proxy {
             Some(p) => {
                 let proxy = reqwest::Proxy::all(p)
@@ -285,6 +301,7 @@ impl Client {
                 TokenStore::open(None, identity)?
             }
         };
+        let warmth = Warmth::new(settings.warm, settings.keep_warm);
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
@@ -300,6 +317,7 @@ impl Client {
                 rejected_streak: AtomicI64::new(0),
                 last_failure: std::sync::Mutex::new(None),
                 stats: ClientStats::default(),
+                warmth,
             }),
         })
     }
@@ -329,6 +347,7 @@ impl Client {
         let caller_id = opts.request_id.is_some();
         let request_id = opts.request_id.unwrap_or_else(new_request_id);
         let token = self.valid_token(deadline, timeout).await?;
+        self.before_call(opts.urgency, deadline).await;
         let first = self
             .send::<A>(req, &request_id, &token.value, left(deadline, timeout)?)
             .await;
@@ -368,6 +387,75 @@ impl Client {
             // figure is the whole budget.
             Err(CallError::Timeout(_)) => Err(CallError::Timeout(timeout.as_millis() as u64)),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Before an API call: note it (keep-warm runs for a while after the
+    /// last one), and let a scan wait for a warm-up in flight so it rides
+    /// that connection.
+    async fn before_call(&self, urgency: Urgency, deadline: tokio::time::Instant) {
+        self.inner.warmth.called();
+        if urgency == Urgency::Scan {
+            self.inner.warmth.wait(deadline).await;
+        }
+    }
+
+    /// A scan is arriving (its first byte came from a scanner): if no
+    /// connection is warm, start opening one now, while the rest of the
+    /// code arrives. Returns at once.
+    pub fn preconnect(&self) {
+        if self.inner.warmth.is_warm(std::time::Instant::now()) {
+            return;
+        }
+        if self.inner.warmth.begin() {
+            let this = self.clone();
+            tokio::spawn(async move { this.warm_up().await });
+        }
+    }
+
+    /// One request that is not an API call (`HEAD` on the base that
+    /// answered last): it opens a connection, or keeps one open, and puts
+    /// it back in the pool. The caller holds the warm-up claim.
+    async fn warm_up(&self) {
+        let bases = &self.inner.bases;
+        let base = &bases[self.inner.sticky.load(Ordering::Relaxed) % bases.len()];
+        let url = format!("{base}/");
+        let sent = tokio::time::timeout(
+            self.inner.settings.scan_timeout,
+            self.inner.http.head(&url).send(),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => self.inner.warmth.answered(),
+            Ok(Err(e)) => tracing::debug!(error = %transport_error(&e), "warm-up failed"),
+            Err(_) => tracing::debug!("warm-up timed out"),
+        }
+        self.inner.warmth.warmed();
+    }
+
+    /// Keep one connection open through a counter's idle gaps until `stop`
+    /// (see [`super::warm`]). Returns at once when keep-warm is off.
+    pub async fn keep_warm(self, stop: tokio_util::sync::CancellationToken) {
+        let w = &self.inner.warmth;
+        if w.keep_warm.is_zero() {
+            return;
+        }
+        loop {
+            let now = std::time::Instant::now();
+            let due = w.touch_due(now).max(now + Duration::from_millis(100));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(due.into()) => {}
+            }
+            if w.should_touch(std::time::Instant::now()) && w.begin() {
+                self.warm_up().await;
+            } else if !w.is_warm(std::time::Instant::now()) {
+                // Nothing to keep (no recent call): look again later.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(w.warm) => {}
+                }
+            }
         }
     }
 
@@ -764,6 +852,7 @@ impl Client {
                     Err(e) => return Err(transport_error(&e)),
                 };
                 self.inner.sticky.store(i, Ordering::Relaxed);
+                self.inner.warmth.answered();
                 let status = resp.status();
                 if status.is_redirection() {
                     let location = resp
@@ -809,6 +898,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let started = std::time::Instant::now();
         let mut token = self.valid_token(deadline, timeout).await?;
+        self.before_call(urgency, deadline).await;
         let mut retried = false;
         let result: Result<(Vec<u8>, i64), CallError> = loop {
             let body = self.envelope_map(req.clone(), request_id, &token.value);
@@ -980,6 +1070,8 @@ mod tests {
             upload_timeout: Duration::from_secs(1),
             proxy: None,
             ca_file: None,
+            warm: Duration::from_secs(25),
+            keep_warm: Duration::ZERO,
             state_path: None,
             shared: None,
         })

@@ -1,7 +1,7 @@
 //! Everything about talking to the health card open platform: signing
 //! ([`sign`]), the typed API ([`api`]), result codes and their classes
 //! ([`error`]), the code tables ([`tables`]), the app token ([`token`]) and
-//! the HTTP client ([`client`]); and the server side shared by the simulator
+//! the HTTP client ([`client`]) and its connections' warmth ([`warm`]); and the server side shared by the simulator
 //! and the gateway ([`serve`]).
 
 pub mod api;
@@ -11,6 +11,7 @@ pub mod serve;
 pub mod sign;
 pub mod tables;
 pub mod token;
+pub mod warm;
 
 pub use client::{CallError, CallOptions, Client, ClientSettings, Urgency};
 pub use error::Class;

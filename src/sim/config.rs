@@ -37,6 +37,9 @@ pub struct SimConfig {
     pub seed: Option<u64>,
     /// Largest request body accepted (20004 above it).
     pub max_body: usize,
+    /// A connection idle this long (seconds) is closed, as the platform's
+    /// web front end does; 0 = never.
+    pub keepalive_s: u64,
     #[serde(rename = "card")]
     pub cards: Vec<SimCard>,
     pub faults: Faults,
@@ -54,6 +57,7 @@ impl Default for SimConfig {
             daily_cap: None,
             seed: None,
             max_body: 1 << 20,
+            keepalive_s: 60,
             cards: default_cards(),
             faults: Faults::default(),
         }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::SimConfig;
 use super::faults::{BodyKind, Faults, OutageMode};
+use super::keepalive::IdleListener;
 use super::state::SimState;
 use crate::clock;
 use crate::platform::api::API_NAMES;
@@ -68,15 +69,29 @@ pub struct SimServer {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// `Some` when serving HTTPS.
+    tls: Option<Arc<crate::gateway::tls::HandshakeCounts>>,
 }
 
 impl SimServer {
-    /// Bind `addr` (port 0 for any) and serve until [`SimServer::stop`].
+    /// Bind `addr` (port 0 for any) and serve plain HTTP until
+    /// [`SimServer::stop`].
     pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimServer> {
+        Self::start_with(cfg, addr, None).await
+    }
+
+    /// [`SimServer::start`], serving HTTPS with `tls` when given (the real
+    /// platform is HTTPS: its handshakes are part of what a scan costs).
+    pub async fn start_with(
+        cfg: SimConfig,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<SimServer> {
         cfg.validate().map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let max_body = cfg.max_body;
+        let idle = (cfg.keepalive_s > 0).then(|| Duration::from_secs(cfg.keepalive_s));
         let (tx, rx) = watch::channel(0);
         let shared = Arc::new(Shared {
             state: Mutex::new(SimState::new(cfg)),
@@ -94,24 +109,59 @@ impl SimServer {
             changed: rx,
         };
         let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(faulty, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "simulator server stopped");
+        let (task, counts) = match tls {
+            None => {
+                let l = IdleListener {
+                    inner: faulty,
+                    idle,
+                };
+                let task = tokio::spawn(async move {
+                    let serve = axum::serve(l, app.into_make_service_with_connect_info::<Peer>())
+                        .with_graceful_shutdown(async move { stop.cancelled().await });
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "simulator server stopped");
+                    }
+                });
+                (task, None)
             }
-        });
+            Some(acceptor) => {
+                let tls = crate::gateway::tls::TlsListener::new(faulty, acceptor)?;
+                let counts = tls.counts();
+                let l = IdleListener { inner: tls, idle };
+                let task = tokio::spawn(async move {
+                    let serve = axum::serve(l, app.into_make_service_with_connect_info::<Peer>())
+                        .with_graceful_shutdown(async move { stop.cancelled().await });
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "simulator server stopped");
+                    }
+                });
+                (task, Some(counts))
+            }
+        };
         Ok(SimServer {
             addr,
             shared,
             shutdown,
             task,
+            tls: counts,
         })
     }
 
-    /// `http://127.0.0.1:PORT`: what the agent's `platform.base_url` takes.
+    /// TLS handshakes so far, (full, resumed); `None` over plain HTTP.
+    pub fn handshakes(&self) -> Option<(u64, u64)> {
+        self.tls.as_ref().map(|c| {
+            (
+                c.full.load(std::sync::atomic::Ordering::Relaxed),
+                c.resumed.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with TLS): what the agent's
+    /// `platform.base_url` takes.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Look at or change the simulator's state in-process.
@@ -135,9 +185,13 @@ impl SimServer {
 }
 
 /// `ehc-agent sim`: serve until Ctrl-C or SIGTERM.
-pub async fn run_forever(cfg: SimConfig, addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn run_forever(
+    cfg: SimConfig,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> anyhow::Result<()> {
     let (app_id, hospital) = (cfg.app_id.clone(), cfg.hospital_ids.join(","));
-    let sim = SimServer::start(cfg, addr).await?;
+    let sim = SimServer::start_with(cfg, addr, tls).await?;
     tracing::info!(addr = %sim.addr, app_id = %app_id, hospital_ids = %hospital, "platform simulator listening");
     println!(
         "platform simulator at {} (control: {}/_sim/state)",
@@ -451,10 +505,12 @@ fn parse_ctl<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCo
 #[derive(Clone, Copy, Debug)]
 struct Peer(SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, FaultyListener>>
+impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, IdleListener<L>>>
     for Peer
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, FaultyListener>) -> Self {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, IdleListener<L>>) -> Self {
         Peer(*stream.remote_addr())
     }
 }

@@ -35,6 +35,8 @@ pub fn settings(sim: &SimServer, state: Option<PathBuf>) -> ClientSettings {
         upload_timeout: Duration::from_secs(10),
         proxy: None,
         ca_file: None,
+        warm: Duration::from_secs(25),
+        keep_warm: Duration::ZERO,
         state_path: state,
     }
 }

@@ -54,11 +54,19 @@ pub struct ScannerStatus {
 
 /// Every scanner's status, by name.
 #[derive(Clone, Default)]
-pub struct ScannerStates(Arc<Mutex<BTreeMap<String, ScannerStatus>>>);
+pub struct ScannerStates {
+    map: Arc<Mutex<BTreeMap<String, ScannerStatus>>>,
+    arrivals: super::Arrivals,
+}
 
 impl ScannerStates {
+    /// Where every scanner tells that a scan started arriving.
+    pub fn arrivals(&self) -> super::Arrivals {
+        self.arrivals.clone()
+    }
+
     pub fn snapshot(&self) -> BTreeMap<String, ScannerStatus> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn register(&self, spec: &ScannerSection) {
@@ -76,7 +84,7 @@ impl ScannerStates {
             ),
             (None, None) => "-".into(),
         };
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(
             spec.name.clone(),
             ScannerStatus {
                 kind,
@@ -91,7 +99,7 @@ impl ScannerStates {
 
     /// Forget a scanner a reload removed.
     pub fn unregister(&self, name: &str) {
-        self.0
+        self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
@@ -99,7 +107,7 @@ impl ScannerStates {
 
     /// Record a state; logs only real changes.
     pub fn set(&self, name: &str, state: ScannerState) {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = g.get_mut(name) else { return };
         if s.state == state {
             return;
@@ -122,7 +130,7 @@ impl ScannerStates {
 
     pub(crate) fn scanned(&self, name: &str) {
         if let Some(s) = self
-            .0
+            .map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(name)
@@ -133,7 +141,7 @@ impl ScannerStates {
 
     /// A name's current state.
     pub fn state(&self, name: &str) -> Option<ScannerState> {
-        self.0
+        self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
@@ -188,6 +196,7 @@ impl Sink {
     async fn emit(&mut self, events: Vec<Event>) -> bool {
         for ev in events {
             match ev {
+                Event::Started => self.states.arrivals.started(),
                 Event::Scan(text) => {
                     self.states.scanned(&self.name);
                     let scan = Scan {

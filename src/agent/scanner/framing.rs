@@ -17,6 +17,9 @@ use crate::config::Terminator;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// The first byte of a scan arrived (the rest follows over the next
+    /// 70–350 ms): time enough to open the platform connection.
+    Started,
     Scan(String),
     /// A scan longer than the limit was discarded (its length so far).
     TooLong(usize),
@@ -32,6 +35,8 @@ pub struct Framer {
     buf: Vec<u8>,
     /// Bytes dropped from the current overlong scan, 0 if none.
     discarding: usize,
+    /// `Started` was reported for the scan being read.
+    started: bool,
     last: Option<(String, Instant)>,
 }
 
@@ -43,6 +48,7 @@ impl Framer {
             debounce,
             buf: Vec::new(),
             discarding: 0,
+            started: false,
             last: None,
         }
     }
@@ -64,6 +70,10 @@ impl Framer {
                 self.discarding = self.buf.len() + 1;
                 self.buf.clear();
             } else {
+                if !self.started && !b.is_ascii_whitespace() {
+                    self.started = true;
+                    out.push(Event::Started);
+                }
                 self.buf.push(b);
             }
         }
@@ -82,6 +92,7 @@ impl Framer {
     }
 
     fn end(&mut self, now: Instant, out: &mut Vec<Event>) {
+        self.started = false;
         if self.discarding > 0 {
             out.push(Event::TooLong(self.discarding));
             self.discarding = 0;
@@ -118,23 +129,47 @@ mod tests {
         Framer::new(t, 16, Duration::from_millis(1500))
     }
 
+    impl Framer {
+        /// `push` without the `Started` events.
+        fn scans(&mut self, b: &[u8], now: Instant) -> Vec<Event> {
+            let mut v = self.push(b, now);
+            v.retain(|e| *e != Event::Started);
+            v
+        }
+    }
+
+    /// The first byte of each scan is told once, before the rest arrives;
+    /// blank lines and the terminator tell nothing.
+    #[test]
+    fn the_first_byte_of_a_scan_is_told_once() {
+        let now = Instant::now();
+        let mut x = f(Terminator::Lf);
+        assert_eq!(x.push(b"\r\n  ", now), []);
+        assert_eq!(x.push(b"A", now), [Event::Started]);
+        assert_eq!(x.push(b"BC", now), []);
+        assert_eq!(
+            x.push(b"D\nE", now),
+            [Event::Scan("  ABCD".into()), Event::Started]
+        );
+    }
+
     #[test]
     fn terminators() {
         let now = Instant::now();
         assert_eq!(
-            f(Terminator::Cr).push(b"AB\rCD\r", now),
+            f(Terminator::Cr).scans(b"AB\rCD\r", now),
             [Event::Scan("AB".into()), Event::Scan("CD".into())]
         );
         assert_eq!(
-            f(Terminator::Lf).push(b"AB\nCD", now),
+            f(Terminator::Lf).scans(b"AB\nCD", now),
             [Event::Scan("AB".into())]
         );
         assert_eq!(
-            f(Terminator::Crlf).push(b"AB\r\nCD\r\n", now),
+            f(Terminator::Crlf).scans(b"AB\r\nCD\r\n", now),
             [Event::Scan("AB".into()), Event::Scan("CD".into())]
         );
         let mut n = f(Terminator::None);
-        assert!(n.push(b"AB\r\n", now).is_empty());
+        assert!(n.scans(b"AB\r\n", now).is_empty());
         assert_eq!(n.idle(now), [Event::Scan("AB\r\n".into())]);
         assert!(n.idle(now).is_empty(), "nothing buffered");
     }
@@ -143,9 +178,9 @@ mod tests {
     fn split_reads_join() {
         let now = Instant::now();
         let mut x = f(Terminator::Cr);
-        assert!(x.push(b"A", now).is_empty());
+        assert!(x.scans(b"A", now).is_empty());
         assert!(x.idle(now).is_empty(), "a pause mid-code does not end it");
-        assert_eq!(x.push(b"B\r", now), [Event::Scan("AB".into())]);
+        assert_eq!(x.scans(b"B\r", now), [Event::Scan("AB".into())]);
     }
 
     #[test]
@@ -153,10 +188,10 @@ mod tests {
         let now = Instant::now();
         let mut x = f(Terminator::Lf);
         let burst = vec![b'7'; 1 << 20];
-        assert!(x.push(&burst, now).is_empty());
+        assert!(x.scans(&burst, now).is_empty());
         assert!(x.buf.capacity() <= 64, "buffer stays bounded");
         assert_eq!(
-            x.push(b"\nOK\n", now),
+            x.scans(b"\nOK\n", now),
             [Event::TooLong(1 << 20), Event::Scan("OK".into())]
         );
     }
@@ -165,24 +200,24 @@ mod tests {
     fn garbage_and_blank() {
         let now = Instant::now();
         let mut x = f(Terminator::Lf);
-        assert_eq!(x.push(b"\xff\xfe\x00\n", now), [Event::NotUtf8(3)]);
-        assert!(x.push(b"  \n\n", now).is_empty());
+        assert_eq!(x.scans(b"\xff\xfe\x00\n", now), [Event::NotUtf8(3)]);
+        assert!(x.scans(b"  \n\n", now).is_empty());
     }
 
     #[test]
     fn debounce() {
         let t0 = Instant::now();
         let mut x = f(Terminator::Lf);
-        assert_eq!(x.push(b"A\n", t0).len(), 1);
-        assert!(x.push(b"A\n", t0 + Duration::from_millis(1000)).is_empty());
-        assert_eq!(x.push(b"B\n", t0 + Duration::from_millis(1100)).len(), 1);
+        assert_eq!(x.scans(b"A\n", t0).len(), 1);
+        assert!(x.scans(b"A\n", t0 + Duration::from_millis(1000)).is_empty());
+        assert_eq!(x.scans(b"B\n", t0 + Duration::from_millis(1100)).len(), 1);
         assert_eq!(
-            x.push(b"A\n", t0 + Duration::from_millis(1200)).len(),
+            x.scans(b"A\n", t0 + Duration::from_millis(1200)).len(),
             1,
             "a different code in between"
         );
         assert_eq!(
-            x.push(b"A\n", t0 + Duration::from_millis(2800)).len(),
+            x.scans(b"A\n", t0 + Duration::from_millis(2800)).len(),
             1,
             "after the window"
         );

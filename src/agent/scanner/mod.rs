@@ -25,6 +25,24 @@ pub struct Scan {
     pub at: i64,
 }
 
+/// Told when a scan starts arriving (its first byte), by every scanner
+/// task, so the platform connection is opened while the rest of the code
+/// arrives ([`crate::platform::Client::preconnect`]). Many starts before
+/// anyone looks are one.
+#[derive(Debug, Clone, Default)]
+pub struct Arrivals(std::sync::Arc<tokio::sync::Notify>);
+
+impl Arrivals {
+    pub fn started(&self) {
+        self.0.notify_one();
+    }
+
+    /// Wait for the next start.
+    pub async fn next(&self) {
+        self.0.notified().await;
+    }
+}
+
 /// A scanner's state, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "state")]

@@ -8,17 +8,19 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::mpsc;
 
 use super::framing::{Event, Framer};
-use super::{Scan, MAX_SCAN_LEN};
+use super::{Arrivals, Scan, MAX_SCAN_LEN};
 use crate::config::Terminator;
 
-/// Read `input` until EOF, sending each scan. Returns the number of scans.
+/// Read `input` until EOF, sending each scan and telling `arrivals` when
+/// one starts. Returns the number of scans.
 pub async fn run<R: AsyncRead + Unpin>(
     name: String,
     input: R,
     debounce: Duration,
     tx: mpsc::Sender<Scan>,
+    arrivals: Arrivals,
 ) -> usize {
-    run_mapped(name, input, debounce, tx, |s| s).await
+    run_mapped(name, input, debounce, tx, arrivals, |s| s).await
 }
 
 /// [`run`], with each scan's text passed through `map` first (the demo
@@ -28,6 +30,7 @@ pub async fn run_mapped<R: AsyncRead + Unpin>(
     mut input: R,
     debounce: Duration,
     tx: mpsc::Sender<Scan>,
+    arrivals: Arrivals,
     map: impl Fn(String) -> String,
 ) -> usize {
     let mut framer = Framer::new(Terminator::Lf, MAX_SCAN_LEN, debounce);
@@ -43,14 +46,14 @@ pub async fn run_mapped<R: AsyncRead + Unpin>(
             }
         };
         for ev in framer.push(&buf[..n], Instant::now()) {
-            if deliver(&name, ev, &tx, &map).await {
+            if deliver(&name, ev, &tx, &arrivals, &map).await {
                 sent += 1;
             }
         }
     }
     // A last line without newline still counts.
     for ev in framer.push(b"\n", Instant::now()) {
-        if deliver(&name, ev, &tx, &map).await {
+        if deliver(&name, ev, &tx, &arrivals, &map).await {
             sent += 1;
         }
     }
@@ -62,9 +65,14 @@ async fn deliver(
     name: &str,
     ev: Event,
     tx: &mpsc::Sender<Scan>,
+    arrivals: &Arrivals,
     map: &impl Fn(String) -> String,
 ) -> bool {
     match ev {
+        Event::Started => {
+            arrivals.started();
+            false
+        }
         Event::Scan(text) => tx
             .send(Scan {
                 scanner: name.to_owned(),

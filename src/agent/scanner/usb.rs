@@ -294,6 +294,7 @@ fn emit(
 ) -> bool {
     for ev in events {
         match ev {
+            Event::Started => states.arrivals().started(),
             Event::Scan(text) => {
                 states.scanned(&spec.name);
                 if tx
