@@ -7,6 +7,7 @@
 //!     cargo build --release && cargo run --release --example bench -- ready [--n 20]
 //!     cargo build --release && cargo run --release --example bench -- idle [--seconds 60]
 //!     cargo build --release && cargo run --release --example bench -- gateway [--terminals 500] [--calls 20000] [--concurrency 64]
+//!     cargo run --release --example bench -- coldscan [--gaps 0,2,65,300] [--rtts 20,100] [--n 20] [--lanes 5] [--char-us 1000]
 //!
 //! `commit`: uses committed per second (one transaction each, WAL +
 //! synchronous=FULL) beside raw write+fdatasync per second on the same disk.
@@ -26,6 +27,13 @@
 //! `ehc-agent gateway` process, `concurrency` in flight; latency beside the
 //! same calls made directly to the simulator in the same run, calls per
 //! second, and the gateway's CPU time and resident memory from /proc.
+//! `coldscan`: scan-to-HIS over HTTPS through a proxy that adds an RTT, for
+//! scans after idle gaps, beside a warm call's time through the same proxy
+//! (the one-round-trip floor); codes are typed into the agent's scanner
+//! framing a character at a time, as a scanner sends them.
+
+#[path = "bench/coldscan.rs"]
+mod coldscan;
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -86,6 +94,29 @@ enum What {
     Idle {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    Coldscan {
+        /// Idle gaps before each measured scan (seconds).
+        #[arg(long, value_delimiter = ',', default_value = "0,2,65,300")]
+        gaps: Vec<u64>,
+        /// Round-trip times added by the proxy (milliseconds).
+        #[arg(long, value_delimiter = ',', default_value = "20,100")]
+        rtts: Vec<u64>,
+        /// Measured scans per variant, RTT and gap.
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        /// Agents per variant, RTT and gap, scanning in turn (more lanes:
+        /// the long gaps take less wall time).
+        #[arg(long, default_value_t = 5)]
+        lanes: usize,
+        /// Time between the characters of a code (1000 µs: a 9600-baud
+        /// serial scanner; keyboard wedges take 2000–5000).
+        #[arg(long, default_value_t = 1000)]
+        char_us: u64,
+        /// none (no pre-connect, no keep-warm), preconnect (first byte
+        /// only), warm (both: the default configuration).
+        #[arg(long, value_delimiter = ',', default_value = "none,preconnect,warm")]
+        variants: Vec<String>,
     },
 }
 
@@ -376,6 +407,7 @@ async fn gateway(terminals: usize, calls: usize, concurrency: usize) {
         ca_file: None,
         warm: Duration::from_secs(25),
         keep_warm: Duration::ZERO,
+        preconnect: true,
         state_path: None,
     };
     let via: Vec<Client> = creds
@@ -510,6 +542,7 @@ fn client_settings(sim: &SimServer) -> ClientSettings {
         ca_file: None,
         warm: Duration::from_secs(25),
         keep_warm: Duration::ZERO,
+        preconnect: true,
         state_path: None,
     }
 }
@@ -710,6 +743,14 @@ async fn main() {
         What::Scan { n, dir } => scan(n, dir).await,
         What::Ready { n } => ready(n).await,
         What::Idle { seconds } => idle(seconds).await,
+        What::Coldscan {
+            gaps,
+            rtts,
+            n,
+            lanes,
+            char_us,
+            variants,
+        } => coldscan::run(gaps, rtts, n, lanes, char_us, variants).await,
         What::Gateway {
             terminals,
             calls,

@@ -80,6 +80,14 @@ pub struct PlatformSection {
     /// open through idle gaps (minutes; 0 = never).
     #[serde(default = "default_keep_warm_min")]
     pub keep_warm_min: u64,
+    /// Open a connection when the first byte of a scan arrives, if none is
+    /// warm.
+    #[serde(default = "yes")]
+    pub preconnect: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_warm_s() -> u64 {

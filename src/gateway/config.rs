@@ -406,6 +406,8 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
             ca_file: u.ca_file.as_deref().map(resolve),
             warm: std::time::Duration::from_secs(u.warm_s.max(1)),
             keep_warm: std::time::Duration::from_secs(u.keep_warm_min * 60),
+            // A terminal's `HEAD /` asks for it (server.rs).
+            preconnect: true,
             state_path: Some(state_dir.join("upstream.sqlite")),
             shared: None,
         },

@@ -148,6 +148,8 @@ pub struct ClientSettings {
     /// Keep one connection open for this long after the last API call
     /// (zero: never touched).
     pub keep_warm: Duration,
+    /// Open a connection on the first byte of a scan when none is warm.
+    pub preconnect: bool,
     /// `None`: keep the token in memory only.
     pub state_path: Option<PathBuf>,
     /// A token store shared with other holders of the appId (the
@@ -169,6 +171,7 @@ impl ClientSettings {
             ca_file: c.platform.ca_file.clone(),
             warm: Duration::from_secs(c.platform.warm_s),
             keep_warm: Duration::from_secs(c.platform.keep_warm_min * 60),
+            preconnect: c.platform.preconnect,
             state_path: Some(c.state_path.clone()),
             shared: None,
         }
@@ -404,7 +407,9 @@ impl Client {
     /// connection is warm, start opening one now, while the rest of the
     /// code arrives. Returns at once.
     pub fn preconnect(&self) {
-        if self.inner.warmth.is_warm(std::time::Instant::now()) {
+        if !self.inner.settings.preconnect
+            || self.inner.warmth.is_warm(std::time::Instant::now())
+        {
             return;
         }
         if self.inner.warmth.begin() {
@@ -1072,6 +1077,7 @@ mod tests {
             ca_file: None,
             warm: Duration::from_secs(25),
             keep_warm: Duration::ZERO,
+            preconnect: true,
             state_path: None,
             shared: None,
         })

@@ -37,6 +37,7 @@ pub fn settings(sim: &SimServer, state: Option<PathBuf>) -> ClientSettings {
         ca_file: None,
         warm: Duration::from_secs(25),
         keep_warm: Duration::ZERO,
+        preconnect: true,
         state_path: state,
     }
 }
