@@ -202,6 +202,11 @@ pub enum GatewayAction {
         #[arg(long)]
         json: bool,
     },
+    /// Every terminal from its heartbeats, needing attention first: exit 0 all well, 1 something needs attention.
+    Fleet {
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a hospital CA and the gateway's TLS certificate.
     Tls {
         #[command(subcommand)]

@@ -84,6 +84,14 @@ pub struct PlatformSection {
     /// warm.
     #[serde(default = "yes")]
     pub preconnect: bool,
+    /// Behind a gateway: seconds between heartbeats (0: none). Ignored,
+    /// after one try, when `base_url` is the platform itself.
+    #[serde(default = "default_heartbeat_s")]
+    pub heartbeat_s: u64,
+}
+
+fn default_heartbeat_s() -> u64 {
+    30
 }
 
 fn yes() -> bool {

@@ -42,6 +42,15 @@ pub struct Metrics {
     pub gateway_budget_used: Family<Labels, Gauge>,
     pub gateway_upstream_generation: Gauge,
     pub gateway_store_down: Gauge,
+    /// The fleet, per terminal (from heartbeats; refilled at each scrape).
+    pub fleet_up: Family<Labels, Gauge>,
+    pub fleet_attention: Family<Labels, Gauge>,
+    pub fleet_outbox_unsent: Family<Labels, Gauge>,
+    pub fleet_outbox_oldest_age: Family<Labels, Gauge>,
+    pub fleet_scanners_down: Family<Labels, Gauge>,
+    pub fleet_uploads_stopped: Family<Labels, Gauge>,
+    pub fleet_clock_offset: Family<Labels, Gauge>,
+    pub fleet_last_heartbeat: Family<Labels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -73,6 +82,14 @@ pub fn get() -> &'static Metrics {
             gateway_budget_used: Family::default(),
             gateway_upstream_generation: Gauge::default(),
             gateway_store_down: Gauge::default(),
+            fleet_up: Family::default(),
+            fleet_attention: Family::default(),
+            fleet_outbox_unsent: Family::default(),
+            fleet_outbox_oldest_age: Family::default(),
+            fleet_scanners_down: Family::default(),
+            fleet_uploads_stopped: Family::default(),
+            fleet_clock_offset: Family::default(),
+            fleet_last_heartbeat: Family::default(),
         };
         r.register(
             "scans",
@@ -150,6 +167,18 @@ pub fn get() -> &'static Metrics {
             "Gateway: 1 while its store (Redis) cannot be reached",
             m.gateway_store_down.clone(),
         );
+        for (name, help, f) in [
+            ("fleet_terminal_up", "Fleet: 1 while the terminal's heartbeats arrive, 0 once three are missed (or none ever came)", &m.fleet_up),
+            ("fleet_terminal_attention", "Fleet: the terminal's causes needing attention", &m.fleet_attention),
+            ("fleet_outbox_unsent", "Fleet: uses the terminal has not yet uploaded", &m.fleet_outbox_unsent),
+            ("fleet_outbox_oldest_unsent_age_seconds", "Fleet: age of the terminal's oldest unsent use", &m.fleet_outbox_oldest_age),
+            ("fleet_scanners_down", "Fleet: the terminal's scanners that are not connected", &m.fleet_scanners_down),
+            ("fleet_uploads_stopped", "Fleet: 1 while the terminal's uploads are stopped", &m.fleet_uploads_stopped),
+            ("fleet_clock_offset_seconds", "Fleet: the terminal's clock minus the gateway's", &m.fleet_clock_offset),
+            ("fleet_last_heartbeat_timestamp_seconds", "Fleet: when the terminal's last heartbeat arrived (Unix time)", &m.fleet_last_heartbeat),
+        ] {
+            r.register(name, help, f.clone());
+        }
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     })

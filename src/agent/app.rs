@@ -112,6 +112,8 @@ pub struct Core {
     /// What the last reload could not apply (a listener that could not be
     /// bound, an outbox path change); shown under NEEDS ATTENTION.
     reload_faults: std::sync::Mutex<Vec<String>>,
+    /// `[platform] heartbeat_s`, as the last reload left it.
+    heartbeat_s: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn read<T: Clone>(l: &std::sync::RwLock<T>) -> T {
@@ -185,6 +187,7 @@ impl Core {
                 .filter(|t| *t > 0),
             },
             scans: self.pipeline.stats(),
+            recent_errors: client.stats().recent_errors(),
             attention: vec![],
         };
         s.assess(now);
@@ -397,6 +400,7 @@ impl App {
             outbox_path: cfg.outbox_path.clone(),
             started_at: clock::now_unix(),
             reload_faults: std::sync::Mutex::new(Vec::new()),
+            heartbeat_s: Arc::new(std::sync::atomic::AtomicU64::new(cfg.platform.heartbeat_s)),
         });
         let server = Server::new(
             hub.clone(),
@@ -455,6 +459,11 @@ impl App {
         // first scan (and any near expiry) does not pay for getAppToken.
         tracker.spawn(client.clone().keep_fresh(uploader_stop.clone()));
         tracker.spawn(client.clone().keep_warm(uploader_stop.clone()));
+        tracker.spawn(crate::agent::heartbeat::run(
+            core.clone(),
+            core.heartbeat_s.clone(),
+            uploader_stop.clone(),
+        ));
         // The first byte of a scan opens the platform connection if none is
         // warm (the client in use now: a reload may have replaced it).
         {
@@ -576,6 +585,9 @@ impl App {
             .reconfigure(PipelineSettings::from_config(new), client.clone());
         write(&self.core.client, client.clone());
         write(&self.core.terminal_id, new.terminal.id.clone());
+        self.core
+            .heartbeat_s
+            .store(new.platform.heartbeat_s, std::sync::atomic::Ordering::Relaxed);
         self.hub.set_hold(Duration::from_secs(new.his.hold_s));
         let uploader_changed = (client_changed && client_ok)
             || new.outbox.batch != old.outbox.batch
@@ -594,6 +606,11 @@ impl App {
             ));
             self.tracker.spawn(client.clone().keep_fresh(stop.clone()));
             self.tracker.spawn(client.keep_warm(stop.clone()));
+            self.tracker.spawn(crate::agent::heartbeat::run(
+                self.core.clone(),
+                self.core.heartbeat_s.clone(),
+                stop.clone(),
+            ));
             self.running.uploader = stop;
         }
 

@@ -17,6 +17,7 @@
 pub mod app;
 pub mod control;
 pub mod demo;
+pub mod heartbeat;
 pub mod his;
 pub mod outbox;
 pub mod pipeline;

@@ -35,6 +35,9 @@ pub struct Status {
     pub uploads: UploadsView,
     pub token: TokenView,
     pub scans: crate::agent::pipeline::ScanStats,
+    /// The last failed platform calls (API, result code), oldest first.
+    #[serde(default)]
+    pub recent_errors: Vec<crate::platform::client::RecentError>,
     /// Things an operator should look at; empty when all is well.
     pub attention: Vec<String>,
 }
@@ -316,6 +319,7 @@ mod tests {
             uploads: UploadsView::default(),
             token: TokenView::default(),
             scans: Default::default(),
+            recent_errors: vec![],
             attention: vec![],
         }
     }

@@ -37,6 +37,7 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         }
         GatewayAction::Terminal { action } => terminal(&cfg, action),
         GatewayAction::Status { json } => status(&cfg, json),
+        GatewayAction::Fleet { json } => fleet(&cfg, json),
         GatewayAction::Tls { .. } => unreachable!("handled above"),
     }
 }
@@ -57,6 +58,24 @@ fn tls_init(dir: &std::path::Path, names: &[String]) -> anyhow::Result<ExitCode>
             Ok(ExitCode::from(EXIT_USAGE))
         }
     }
+}
+
+/// `gateway fleet`: from the store (running gateway or not; with Redis,
+/// every gateway's terminals).
+fn fleet(cfg: &GatewayConfig, json: bool) -> anyhow::Result<ExitCode> {
+    let store = crate::gateway::open_store(cfg)?;
+    let f = crate::gateway::fleet::fleet(&store.terminals()?, &store.beats()?, clock::now_unix());
+    let out = if json {
+        serde_json::to_string_pretty(&f)? + "\n"
+    } else {
+        crate::gateway::fleet::table(&f)
+    };
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(if f.needs_attention == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn terminal(cfg: &GatewayConfig, action: TerminalAction) -> anyhow::Result<ExitCode> {

@@ -67,9 +67,17 @@ struct GatewaySection {
     redis_url: Option<String>,
     #[serde(default = "default_prefix")]
     redis_prefix: String,
-    /// Prometheus `/metrics`, on an admin listener of its own (loopback).
+    /// The admin listener (the fleet page, `/api/fleet`, Prometheus
+    /// `/metrics`), apart from the terminals' port. `metrics_listen` is its
+    /// older name.
+    #[serde(default, alias = "metrics_listen")]
+    admin_listen: Option<String>,
+    /// Off loopback, the admin listener serves these networks (CIDR)...
     #[serde(default)]
-    metrics_listen: Option<String>,
+    admin_allow: Vec<String>,
+    /// ...with this token (a file holding it, mode 0600).
+    #[serde(default)]
+    admin_token_file: Option<PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -177,7 +185,12 @@ pub struct GatewayConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub redis: Option<(String, String)>,
+    /// The admin listener (page, `/api/fleet`, `/metrics`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Who may use it from off loopback: networks, and the token they must
+    /// present (both set when the listener is not on loopback).
+    pub admin_allow: Vec<String>,
+    pub admin_token: Option<String>,
     pub hospital_id: String,
     pub upstream: ClientSettings,
 }
@@ -289,17 +302,52 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
     if g.token_ttl_s < 120 {
         problem("gateway.token_ttl_s", "at least 120 s".into());
     }
-    let metrics_listen = match g.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
+    let metrics_listen = match g.admin_listen.as_deref().map(str::parse::<SocketAddr>) {
         None => None,
-        Some(Ok(a)) if a.ip().is_loopback() => Some(a),
-        Some(_) => {
+        Some(Ok(a)) => Some(a),
+        Some(Err(_)) => {
             problem(
-                "gateway.metrics_listen",
-                "a loopback address like 127.0.0.1:9411".into(),
+                "gateway.admin_listen",
+                "an address like 127.0.0.1:9411".into(),
             );
             None
         }
     };
+    for net in &g.admin_allow {
+        if !super::server::valid_cidr(net) {
+            problem(
+                "gateway.admin_allow",
+                format!("`{net}` is not an address or a network like 10.1.0.0/16"),
+            );
+        }
+    }
+    let admin_token = match g.admin_token_file.as_deref().map(resolve) {
+        None => None,
+        Some(f) => match crate::secrets::read(&f, crate::secrets::Readers::Owner) {
+            Ok(t) if t.len() >= 16 => Some(t),
+            Ok(_) => {
+                problem(
+                    "gateway.admin_token_file",
+                    "the token must be at least 16 characters".into(),
+                );
+                None
+            }
+            Err(e) => {
+                problem("gateway.admin_token_file", e.to_string());
+                None
+            }
+        },
+    };
+    // Off loopback the page shows every terminal's state to whoever asks:
+    // both a network allowlist and a token, or it is refused.
+    if let Some(a) = metrics_listen.filter(|a| !a.ip().is_loopback()) {
+        if g.admin_allow.is_empty() || g.admin_token_file.is_none() {
+            problem(
+                "gateway.admin_listen",
+                format!("{a} is not loopback: set admin_allow (the networks of hospital IT) and admin_token_file too"),
+            );
+        }
+    }
     if let Some(u) = &g.redis_url {
         if redis::Client::open(u.as_str()).is_err() {
             problem("gateway.redis_url", format!("`{u}` is not a redis:// URL"));
@@ -385,6 +433,8 @@ pub fn parse(text: &str, path: &Path, env: &Env) -> Result<GatewayConfig, Vec<Pr
         tls_cert: g.tls_cert.as_deref().map(resolve),
         tls_key: g.tls_key.as_deref().map(resolve),
         metrics_listen,
+        admin_allow: g.admin_allow.clone(),
+        admin_token,
         redis: g.redis_url.clone().map(|u| (u, g.redis_prefix.clone())),
         token_ttl_s: g.token_ttl_s,
         budget: g.daily_budget.map(|per_day| Budget {

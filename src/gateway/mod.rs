@@ -16,12 +16,17 @@
 //! * [`server`]: the platform's paths: terminals' checks, answered as the
 //!   platform would ([`crate::platform::serve`], shared with the simulator),
 //!   then forwarding with the hospital's account ([`crate::platform::Client`],
-//!   whose token is single-flight, generation-guarded and persisted).
+//!   whose token is single-flight, generation-guarded and persisted), and
+//!   the terminals' heartbeats.
+//! * [`fleet`] and [`admin`]: every terminal and what needs attention, on
+//!   the admin listener (the page, `/api/fleet`, `/metrics`).
 //!
 //! The upstream token is refreshed ahead of expiry by a task of its own, so
 //! no forwarded scan pays for getAppToken.
 
+pub mod admin;
 pub mod config;
+pub mod fleet;
 pub mod redis;
 pub mod server;
 pub mod store;
@@ -118,22 +123,9 @@ impl RunningGateway {
                     .await
                     .map_err(|source| GatewayError::Listen { addr: a, source })?;
                 let addr = l.local_addr().ok();
-                let (gw2, s3) = (gw.clone(), stop.clone());
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let gw = gw2.clone();
-                        async move {
-                            (
-                                [(
-                                    axum::http::header::CONTENT_TYPE,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )],
-                                server::metrics_text(&gw),
-                            )
-                        }
-                    }),
-                );
+                let s3 = stop.clone();
+                let app = admin::router(gw.clone())
+                    .into_make_service_with_connect_info::<tls::Peer>();
                 tokio::spawn(async move {
                     let _ = axum::serve(l, app)
                         .with_graceful_shutdown(async move { s3.cancelled().await })

@@ -281,6 +281,23 @@ impl RedisStore {
         Ok((n >= 0).then_some(n as u64))
     }
 
+    /// Heartbeats live in one hash, terminal → JSON: every gateway of the
+    /// hospital reads the same fleet.
+    pub fn put_beat(&self, beat: &super::store::StoredBeat) -> Result<(), GatewayStoreError> {
+        let text = serde_json::to_string(beat).unwrap_or_default();
+        let key = self.key("heartbeats");
+        self.w(|c| c.hset::<_, _, _, ()>(&key, &beat.terminal, text))
+    }
+
+    pub fn beats(&self) -> Result<Vec<super::store::StoredBeat>, GatewayStoreError> {
+        let all: std::collections::BTreeMap<String, String> =
+            self.w(|c| c.hgetall(self.key("heartbeats")))?;
+        Ok(all
+            .values()
+            .filter_map(|t| serde_json::from_str(t).ok())
+            .collect())
+    }
+
     pub fn budget_used(&self, day: i64) -> Result<Vec<(String, u64)>, GatewayStoreError> {
         let mut out = Vec::new();
         let counters = crate::platform::api::API_NAMES

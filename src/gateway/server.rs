@@ -191,6 +191,14 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             ),
         );
     }
+    r = r.route(
+        crate::platform::heartbeat::PATH,
+        post(
+            |State(gw): State<Arc<Gateway>>,
+             ConnectInfo(super::tls::Peer(peer)): ConnectInfo<super::tls::Peer>,
+             body: Bytes| async move { heartbeat(gw, peer, body).await },
+        ),
+    );
     // A terminal's warm-up (`HEAD /`, not an API call): its connection is
     // then open, and the gateway opens its own to the platform if none is
     // warm, so the scan that follows is one round trip on each leg.
@@ -352,6 +360,74 @@ fn from_allowed(t: &Terminal, peer: SocketAddr, rid: &str) -> Result<(), Answer>
     }
 }
 
+/// The enrolled terminal a request with a gateway token comes from: its
+/// token, its network, its signature (blocking: the store).
+fn caller(gw: &Gateway, env: &Envelope, now: i64, peer: SocketAddr) -> Result<Terminal, Answer> {
+    let rid = &env.request_id;
+    let internal = |e: super::store::GatewayStoreError| {
+        tracing::error!(error = %e, "gateway store failed");
+        Answer::err(-1, rid)
+    };
+    let found = gw.token(&env.app_token).map_err(internal)?;
+    let holder = serve::check_token(
+        env,
+        found.as_ref().map(|t| TokenView {
+            holder: &t.terminal,
+            hospital_id: &t.hospital_id,
+            expires_at: t.expires_at,
+            revoked: false,
+        }),
+        now,
+    )?
+    .to_owned();
+    let terminal = match gw.terminal(&holder).map_err(internal)? {
+        Some(t) if t.revoked_at.is_none() => t,
+        _ => return Err(Answer::err(21002, rid)),
+    };
+    from_allowed(&terminal, peer, rid)?;
+    env.verify(&terminal.secret)?;
+    gw.seen(&terminal.name, now, peer);
+    Ok(terminal)
+}
+
+/// Heartbeats are accepted from a clock this far off (it is what the fleet
+/// page should show, not refuse): a day.
+const BEAT_MAX_SKEW_S: u64 = 86_400;
+
+/// A terminal's heartbeat: checked like any call of the terminal's (but
+/// never counted in the budget, never forwarded), kept in the store.
+async fn heartbeat(gw: Arc<Gateway>, peer: SocketAddr, body: Bytes) -> Response {
+    let now = clock::now_unix();
+    let env = match serve::parse_envelope(&body, MAX_BODY, now, BEAT_MAX_SKEW_S) {
+        Ok(e) => e,
+        Err(a) => return answer(a),
+    };
+    let beat = match crate::platform::heartbeat::Beat::from_req(&env.req) {
+        Ok(b) => b,
+        Err(why) => return answer(Answer::err_msg(10042, &env.request_id, &why)),
+    };
+    let stored = tokio::task::spawn_blocking(move || {
+        let terminal = caller(&gw, &env, now, peer)?;
+        let b = super::store::StoredBeat {
+            terminal: terminal.name.clone(),
+            received_at: now,
+            clock_offset_s: env.timestamp - now,
+            peer: peer.ip().to_string(),
+            beat,
+        };
+        if let Err(e) = gw.store.put_beat(&b) {
+            tracing::error!(error = %e, terminal = %terminal.name, "a heartbeat could not be stored");
+            return Err(Answer::err(-1, &env.request_id));
+        }
+        Ok(Answer::ok(&env.request_id, json!({})))
+    })
+    .await;
+    match stored {
+        Ok(Ok(a)) | Ok(Err(a)) => answer(a),
+        Err(_) => unavailable("internal error"),
+    }
+}
+
 /// What the gateway does with a request that passed its checks.
 enum Admitted {
     /// getAppToken: answered by the gateway.
@@ -409,25 +485,7 @@ fn admit(
             json!({"appToken": token, "expiresIn": gw.cfg.token_ttl_s}),
         )));
     }
-    let found = gw.token(&env.app_token).map_err(internal)?;
-    let holder = serve::check_token(
-        env,
-        found.as_ref().map(|t| TokenView {
-            holder: &t.terminal,
-            hospital_id: &t.hospital_id,
-            expires_at: t.expires_at,
-            revoked: false,
-        }),
-        now,
-    )?
-    .to_owned();
-    let terminal = match gw.terminal(&holder).map_err(internal)? {
-        Some(t) if t.revoked_at.is_none() => t,
-        _ => return Err(Answer::err(21002, rid)),
-    };
-    from_allowed(&terminal, peer, rid)?;
-    env.verify(&terminal.secret)?;
-    gw.seen(&terminal.name, now, peer);
+    let terminal = caller(gw, env, now, peer)?;
     let day = clock::day_number(now, clock::BEIJING);
     // A store that cannot count does not stop the scans: the call goes
     // uncounted (logged by the store read above).

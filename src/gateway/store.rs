@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS terminal_tokens (
     hospital_id TEXT NOT NULL,
     expires_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS heartbeats (
+    terminal TEXT PRIMARY KEY,
+    beat TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS budget (
     api TEXT NOT NULL,
     day INTEGER NOT NULL,
@@ -107,6 +111,25 @@ delegate! {
     fn budget_used(&self, day: i64) -> Result<Vec<(String, u64)>, GatewayStoreError>;
     /// The source networks a terminal may call from (empty: any).
     fn set_allow(&self, name: &str, allow: &[String]) -> Result<(), GatewayStoreError>;
+    /// Keep a terminal's latest heartbeat (the one before it is replaced).
+    fn put_beat(&self, beat: &StoredBeat) -> Result<(), GatewayStoreError>;
+    /// Every terminal's latest heartbeat.
+    fn beats(&self) -> Result<Vec<StoredBeat>, GatewayStoreError>;
+}
+
+/// A terminal's latest heartbeat as the gateway received it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredBeat {
+    /// The enrolment name (the token's holder).
+    pub terminal: String,
+    /// The gateway's clock when it arrived.
+    pub received_at: i64,
+    /// The terminal's clock minus the gateway's, in seconds (from the
+    /// envelope's timestamp; within a second or so).
+    pub clock_offset_s: i64,
+    pub peer: String,
+    pub beat: crate::platform::heartbeat::Beat,
 }
 
 /// A new terminal's appId and secret (the same for either store).
@@ -378,6 +401,37 @@ impl SqliteStore {
             return Err(GatewayStoreError::NoSuchTerminal(name.into()));
         }
         Ok(())
+    }
+
+    pub fn put_beat(&self, beat: &StoredBeat) -> Result<(), GatewayStoreError> {
+        let text = serde_json::to_string(beat).unwrap_or_default();
+        self.conn()
+            .execute(
+                "INSERT INTO heartbeats (terminal, beat) VALUES (?1, ?2)
+                 ON CONFLICT(terminal) DO UPDATE SET beat = excluded.beat",
+                params![beat.terminal, text],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn beats(&self) -> Result<Vec<StoredBeat>, GatewayStoreError> {
+        let c = self.conn();
+        let mut st = c
+            .prepare("SELECT beat FROM heartbeats ORDER BY terminal")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for text in rows {
+            // A row a newer gateway wrote in a shape this one cannot read
+            // is left out, not an error for the whole page.
+            if let Ok(b) = serde_json::from_str(&text.map_err(|e| self.err(e))?) {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     /// Calls counted per interface on Beijing day `day`.

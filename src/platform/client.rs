@@ -202,6 +202,54 @@ pub struct ClientStats {
     /// else fetched a token for the same appId.
     pub revocations: AtomicI64,
     pub last_revoked_at: AtomicI64,
+    /// The last [`RECENT_ERRORS`] failed calls, newest last.
+    recent: std::sync::Mutex<std::collections::VecDeque<RecentError>>,
+}
+
+/// How many failed calls [`ClientStats::recent_errors`] keeps.
+pub const RECENT_ERRORS: usize = 10;
+
+/// A failed platform call, for `status` and the gateway's fleet page. No
+/// request content: the API, when, and the result code or transport class.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentError {
+    pub at: i64,
+    pub api: String,
+    /// The platform's result code; `None` for a failure to get an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    /// The class ([`Class`]) and, without a code, what went wrong.
+    pub what: String,
+}
+
+impl ClientStats {
+    fn record(&self, api: &str, e: &CallError) {
+        let (code, what) = match e {
+            CallError::Platform { code, .. } => (Some(*code), e.class().as_str().to_owned()),
+            other => (None, format!("{}: {other}", other.class().as_str())),
+        };
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RECENT_ERRORS {
+            r.pop_front();
+        }
+        r.push_back(RecentError {
+            at: clock::now_unix(),
+            api: api.to_owned(),
+            code,
+            what,
+        });
+    }
+
+    /// The last failed calls, oldest first.
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// A cheap-to-clone handle.
@@ -212,6 +260,8 @@ pub struct Client {
 
 struct Inner {
     http: reqwest::Client,
+    /// For heartbeats (see [`Client::heartbeat`]).
+    side: reqwest::Client,
     /// `base_url` and its fallbacks, without trailing slashes.
     bases: Vec<String>,
     /// The base that answered last: calls start there.
@@ -258,38 +308,10 @@ pub fn is_request_id(s: &str) -> bool {
 
 impl Client {
     pub fn new(settings: ClientSettings) -> Result<Self, BuildError> {
-        let mut b = reqwest::Client::builder()
-            .user_agent(concat!("ehc-agent/", env!("CARGO_PKG_VERSION")))
-            // Per-call timeouts are applied around each call; this bounds a
-            // connect attempt so an unreachable platform fails fast.
-            .connect_timeout(settings.scan_timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            // A connection idle past `warm` is not trusted (the platform may
-            // be closing it as the request goes out); the slack covers the
-            // keep-warm touch's own timing.
-            .pool_idle_timeout(settings.warm + Duration::from_secs(5))
-            // Keepalive probes keep NAT and firewall state of an idle
-            // connection without an HTTP request the platform would see.
-            .tcp_keepalive(Duration::from_secs(15));
-        match &settings.proxy {
-            Some(p) => {
-                let proxy = reqwest::Proxy::all(p)
-                    .map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
-                b = b.proxy(proxy);
-            }
-            // Only the configured proxy is used: a stray http_proxy in the
-            // service environment must not reroute patients' data.
-            None => b = b.no_proxy(),
-        }
-        if let Some(ca) = &settings.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?
-            {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        let http = b.build().map_err(|e| BuildError::Http(e.to_string()))?;
+        let http = http_client(&settings)?;
+        // Heartbeats go on connections of their own: one in flight never
+        // holds the connection a scan is about to use.
+        let side = http_client(&settings)?;
         let identity = Identity {
             base_url: settings.base_url.clone(),
             app_id: settings.app_id.clone(),
@@ -308,6 +330,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
+                side,
                 bases: std::iter::once(&settings.base_url)
                     .chain(&settings.fallback_urls)
                     .map(|b| b.trim_end_matches('/').to_owned())
@@ -390,6 +413,54 @@ impl Client {
             // figure is the whole budget.
             Err(CallError::Timeout(_)) => Err(CallError::Timeout(timeout.as_millis() as u64)),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Send a terminal heartbeat to the gateway ([`super::heartbeat`]),
+    /// signed like a call, on connections of its own and with the upload
+    /// timeout: it never delays a scan or an upload. A 21003/21004 answer
+    /// refreshes the token for the next beat; HTTP 404 means the base is
+    /// the platform itself, not a gateway.
+    pub async fn heartbeat(&self, beat: &super::heartbeat::Beat) -> Result<(), CallError> {
+        let timeout = self.inner.settings.upload_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let token = self.valid_token(deadline, timeout).await?;
+        let body = self.envelope_map(beat.to_req(), &new_request_id(), &token.value);
+        let bases = &self.inner.bases;
+        let base = &bases[self.inner.sticky.load(Ordering::Relaxed) % bases.len()];
+        let url = format!("{base}{}", super::heartbeat::PATH);
+        let sent = tokio::time::timeout(
+            left(deadline, timeout)?,
+            self.inner
+                .side
+                .post(&url)
+                .header("content-type", "application/json; charset=utf-8")
+                .body(body)
+                .send(),
+        )
+        .await
+        .map_err(|_| CallError::Timeout(timeout.as_millis() as u64))?
+        .map_err(|e| transport_error(&e))?;
+        let status = sent.status();
+        let bytes = read_capped(sent).await?;
+        if !status.is_success() {
+            return Err(CallError::Http(status.as_u16()));
+        }
+        match api::result_code(&bytes)? {
+            0 => Ok(()),
+            code @ (21003 | 21004) => {
+                let _ = self
+                    .refresh(token.generation, deadline, timeout, Reason::Rejected(code))
+                    .await;
+                Err(CallError::Platform {
+                    code,
+                    msg: "the gateway refused the token; refreshed for the next beat".into(),
+                })
+            }
+            code => Err(CallError::Platform {
+                code,
+                msg: super::error::describe(code).unwrap_or_default().into(),
+            }),
         }
     }
 
@@ -814,6 +885,9 @@ impl Client {
             Err(e) => e.class().as_str(),
         };
         crate::metrics::get().platform(A::NAME, class, elapsed.as_secs_f64());
+        if let Err(e) = &result {
+            self.inner.stats.record(A::NAME, e);
+        }
         match &result {
             Ok(_) => tracing::debug!(api = A::NAME, request_id, elapsed_ms, "platform call ok"),
             Err(e) => {
@@ -959,6 +1033,42 @@ impl Client {
         top.insert("req".into(), Value::Object(req));
         serde_json::to_vec(&Value::Object(top)).unwrap_or_default()
     }
+}
+
+/// A reqwest client for `settings`: proxy, extra CA, timeouts, the pool.
+fn http_client(settings: &ClientSettings) -> Result<reqwest::Client, BuildError> {
+    let mut b = reqwest::Client::builder()
+        .user_agent(concat!("ehc-agent/", env!("CARGO_PKG_VERSION")))
+        // Per-call timeouts are applied around each call; this bounds a
+        // connect attempt so an unreachable platform fails fast.
+        .connect_timeout(settings.scan_timeout.min(Duration::from_secs(5)))
+        .redirect(reqwest::redirect::Policy::none())
+        // A connection idle past `warm` is not trusted (the platform may
+        // be closing it as the request goes out); the slack covers the
+        // keep-warm touch's own timing.
+        .pool_idle_timeout(settings.warm + Duration::from_secs(5))
+        // Keepalive probes keep NAT and firewall state of an idle
+        // connection without an HTTP request the platform would see.
+        .tcp_keepalive(Duration::from_secs(15));
+    match &settings.proxy {
+        Some(p) => {
+            let proxy = reqwest::Proxy::all(p)
+                .map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
+            b = b.proxy(proxy);
+        }
+        // Only the configured proxy is used: a stray http_proxy in the
+        // service environment must not reroute patients' data.
+        None => b = b.no_proxy(),
+    }
+    if let Some(ca) = &settings.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| BuildError::Ca(ca.clone(), e.to_string()))?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().map_err(|e| BuildError::Http(e.to_string()))
 }
 
 /// Read a body, refusing to buffer more than [`MAX_BODY`].

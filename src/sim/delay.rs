@@ -23,6 +23,7 @@ use tokio::time::Instant;
 pub struct DelayProxy {
     pub addr: SocketAddr,
     connections: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -37,7 +38,8 @@ impl DelayProxy {
         let l = TcpListener::bind(listen).await?;
         let addr = l.local_addr()?;
         let connections = Arc::new(AtomicU64::new(0));
-        let count = connections.clone();
+        let open = Arc::new(AtomicU64::new(0));
+        let (count, live) = (connections.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = l.accept().await else {
@@ -45,9 +47,12 @@ impl DelayProxy {
                     continue;
                 };
                 count.fetch_add(1, Ordering::Relaxed);
+                live.fetch_add(1, Ordering::Relaxed);
+                let live = live.clone();
                 tokio::spawn(async move {
                     let accepted = Instant::now();
                     let Ok(server) = TcpStream::connect(upstream).await else {
+                        live.fetch_sub(1, Ordering::Relaxed);
                         return;
                     };
                     let _ = client.set_nodelay(true);
@@ -59,12 +64,14 @@ impl DelayProxy {
                     let up = pipe(cr, sw, half, accepted + rtt);
                     let down = pipe(sr, cw, half, accepted);
                     tokio::join!(up, down);
+                    live.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
         Ok(DelayProxy {
             addr,
             connections,
+            open,
             task,
         })
     }
@@ -72,6 +79,11 @@ impl DelayProxy {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now (both directions not yet ended).
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
     }
 }
 

@@ -4,10 +4,12 @@
 
 mod cli;
 mod client;
+mod cold_scan;
 mod common;
 mod crash;
 mod daemon;
 mod disk;
+mod fleet;
 mod fuzz_regressions;
 mod gateway;
 mod gateway_ha;
