@@ -56,15 +56,22 @@ fn mint(sim: &SimServer) -> String {
         .0
 }
 
-/// Type `code` and Enter into `w`, one character every `char_us`; returns
-/// when the Enter was written.
-async fn type_code(w: &mut tokio::io::DuplexStream, code: &str, char_us: u64) -> Instant {
-    for b in code.bytes() {
+/// Type `code` and Enter into `w`, the i-th character at `i × char_us`
+/// from the first (a schedule, not a sleep per character: sleeps round up to
+/// the timer's millisecond and would add up). Returns (first byte, Enter).
+async fn type_code(
+    w: &mut tokio::io::DuplexStream,
+    code: &str,
+    char_us: u64,
+) -> (Instant, Instant) {
+    let first = tokio::time::Instant::now();
+    for (i, b) in code.bytes().enumerate() {
+        tokio::time::sleep_until(first + Duration::from_micros(char_us * i as u64)).await;
         w.write_all(&[b]).await.unwrap();
-        tokio::time::sleep(Duration::from_micros(char_us)).await;
     }
+    tokio::time::sleep_until(first + Duration::from_micros(char_us * code.len() as u64)).await;
     w.write_all(b"\n").await.unwrap();
-    Instant::now()
+    (first.into_std(), Instant::now())
 }
 
 async fn until_card(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>) {
@@ -73,16 +80,16 @@ async fn until_card(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net
         if l.contains("\"type\":\"card\"") {
             return;
         }
-        assert!(
-            !l.contains("\"type\":\"scanFailed\""),
-            "a scan failed: {l}"
-        );
+        assert!(!l.contains("\"type\":\"scanFailed\""), "a scan failed: {l}");
     }
 }
 
 /// A TLS simulator of its own (agents sharing an appId would revoke each
 /// other's tokens: the gateway's reason to be) behind a proxy adding `rtt`.
-async fn platform(tls: &ehc_agent::gateway::tls::TlsFiles, rtt: Duration) -> (SimServer, DelayProxy) {
+async fn platform(
+    tls: &ehc_agent::gateway::tls::TlsFiles,
+    rtt: Duration,
+) -> (SimServer, DelayProxy) {
     let acceptor = ehc_agent::gateway::tls::acceptor(&tls.cert, &tls.key).unwrap();
     let sim = SimServer::start_with(
         SimConfig::default(),
@@ -106,7 +113,7 @@ async fn lane(
     scans: usize,
     offset: Duration,
     char_us: u64,
-) -> (Vec<Duration>, (u64, u64)) {
+) -> (Vec<(Duration, Duration)>, (u64, u64)) {
     let (sim, proxy) = platform(&tls, rtt).await;
     let (ca, base) = (&tls.ca_cert, format!("https://{}", proxy.addr));
     let tmp = tempfile::tempdir().unwrap();
@@ -142,16 +149,16 @@ async fn lane(
         |s| s,
     ));
     // Unmeasured: the token and the first connection.
-    type_code(&mut w, &mint(&sim), char_us).await;
+    let _ = type_code(&mut w, &mint(&sim), char_us).await;
     until_card(&mut lines).await;
     tokio::time::sleep(offset).await;
     let mut out = Vec::with_capacity(scans);
     for _ in 0..scans {
         tokio::time::sleep(gap).await;
         let code = mint(&sim);
-        let end = type_code(&mut w, &code, char_us).await;
+        let (first, end) = type_code(&mut w, &code, char_us).await;
         until_card(&mut lines).await;
-        out.push(end.elapsed());
+        out.push((end.elapsed(), end - first));
     }
     drop(w);
     app.shutdown().await;
@@ -170,9 +177,8 @@ pub async fn run(
 ) {
     let lanes = lanes.max(1);
     let tls_dir = tempfile::tempdir().unwrap();
-    let files = Arc::new(
-        ehc_agent::gateway::tls::init(tls_dir.path(), &["127.0.0.1".into()]).unwrap(),
-    );
+    let files =
+        Arc::new(ehc_agent::gateway::tls::init(tls_dir.path(), &["127.0.0.1".into()]).unwrap());
     let keepalive = SimConfig::default().keepalive_s;
     // The floor: warm calls through a proxy of each RTT.
     let mut floors = Vec::new();
@@ -249,10 +255,15 @@ pub async fn run(
     }
     let mut results: std::collections::BTreeMap<(&str, u64, u64), Vec<Duration>> =
         Default::default();
+    let mut typing: Vec<Duration> = Vec::new();
     let (mut full, mut resumed) = (0, 0);
     for j in jobs {
         let (name, rtt, gap, (got, (f, r))) = j.await.unwrap();
-        results.entry((name, rtt, gap)).or_default().extend(got);
+        typing.extend(got.iter().map(|(_, t)| *t));
+        results
+            .entry((name, rtt, gap))
+            .or_default()
+            .extend(got.into_iter().map(|(d, _)| d));
         full += f;
         resumed += r;
     }
@@ -280,5 +291,10 @@ pub async fn run(
             }
         }
     }
-    println!("TLS handshakes at the simulators: {full} full, {resumed} resumed");
+    typing.sort();
+    println!(
+        "first byte to Enter: p50 {}, max {}; TLS handshakes at the simulators: {full} full, {resumed} resumed",
+        ms(percentile(&typing, 0.5)),
+        ms(*typing.last().unwrap_or(&Duration::ZERO))
+    );
 }

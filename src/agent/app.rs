@@ -585,9 +585,10 @@ impl App {
             .reconfigure(PipelineSettings::from_config(new), client.clone());
         write(&self.core.client, client.clone());
         write(&self.core.terminal_id, new.terminal.id.clone());
-        self.core
-            .heartbeat_s
-            .store(new.platform.heartbeat_s, std::sync::atomic::Ordering::Relaxed);
+        self.core.heartbeat_s.store(
+            new.platform.heartbeat_s,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.hub.set_hold(Duration::from_secs(new.his.hold_s));
         let uploader_changed = (client_changed && client_ok)
             || new.outbox.batch != old.outbox.batch

@@ -52,7 +52,9 @@ pub async fn run(core: Arc<Core>, interval_s: Arc<AtomicU64>, stop: Cancellation
                 failing = false;
             }
             Err(CallError::Http(404)) => {
-                tracing::info!("the platform address is not an ehc-agent gateway: no heartbeats are sent");
+                tracing::info!(
+                    "the platform address is not an ehc-agent gateway: no heartbeats are sent"
+                );
                 return;
             }
             Err(e) => {

@@ -358,7 +358,9 @@ fn run_cmd(explicit: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 /// The simulator's TLS acceptor from `--tls DIR` (made there when absent,
 /// for 127.0.0.1, ::1, localhost and the listen address) or `--cert/--key`.
-fn sim_tls(a: &SimArgs) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::gateway::tls::TlsError> {
+fn sim_tls(
+    a: &SimArgs,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::gateway::tls::TlsError> {
     use crate::gateway::tls;
     let (cert, key) = match (&a.tls, &a.cert, &a.key) {
         (Some(dir), _, _) => {

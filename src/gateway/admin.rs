@@ -62,34 +62,43 @@ async fn guard(
 }
 
 fn permitted(gw: &Gateway, peer: SocketAddr, req: &Request) -> bool {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(std::net::IpAddr::V4)
-            .unwrap_or(peer.ip()),
-        v4 => v4,
-    };
-    if ip.is_loopback() {
-        return true;
-    }
-    let (allow, Some(token)) = (&gw.cfg.admin_allow, &gw.cfg.admin_token) else {
-        return false;
-    };
-    if allow.is_empty() || !super::server::allowed(ip, allow) {
-        return false;
-    }
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-    });
-    bearer
-        .or(query)
-        .is_some_and(|given| same(given.as_bytes(), token.as_bytes()))
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    may_look(
+        peer.ip(),
+        &gw.cfg.admin_allow,
+        gw.cfg.admin_token.as_deref(),
+        bearer.or(query),
+    )
+}
+
+/// Loopback always; otherwise an allowed network and the right token.
+fn may_look(
+    ip: std::net::IpAddr,
+    allow: &[String],
+    token: Option<&str>,
+    given: Option<&str>,
+) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    if ip.is_loopback() {
+        return true;
+    }
+    let Some(token) = token else {
+        return false;
+    };
+    !allow.is_empty()
+        && super::server::allowed(ip, allow)
+        && given.is_some_and(|g| same(g.as_bytes(), token.as_bytes()))
 }
 
 /// Constant-time comparison (the token is a password).
@@ -116,14 +125,12 @@ async fn page() -> Response {
 async fn api_fleet(State(gw): State<Arc<Gateway>>) -> Response {
     let r = tokio::task::spawn_blocking(move || current(&gw)).await;
     match r {
-        Ok(Ok(f)) => (
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(f),
-        )
-            .into_response(),
+        Ok(Ok(f)) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(f)).into_response(),
         Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"error": format!("the gateway store cannot be read: {e}")})),
+            axum::Json(
+                serde_json::json!({"error": format!("the gateway store cannot be read: {e}")}),
+            ),
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -147,4 +154,36 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_or_an_allowed_network_with_the_token() {
+        let allow = vec!["10.8.0.0/16".to_owned()];
+        let tok = Some("0123456789abcdef0123");
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(may_look(ip("127.0.0.1"), &[], None, None));
+        assert!(may_look(ip("::ffff:127.0.0.1"), &[], None, None));
+        assert!(may_look(ip("10.8.3.4"), &allow, tok, tok));
+        assert!(!may_look(ip("10.8.3.4"), &allow, tok, None), "no token");
+        assert!(
+            !may_look(ip("10.8.3.4"), &allow, tok, Some("0123456789abcdef0124")),
+            "wrong token"
+        );
+        assert!(
+            !may_look(ip("10.9.3.4"), &allow, tok, tok),
+            "outside the networks"
+        );
+        assert!(
+            !may_look(ip("10.8.3.4"), &[], tok, tok),
+            "no allowlist: loopback only"
+        );
+        assert!(
+            !may_look(ip("10.8.3.4"), &allow, None, None),
+            "no token configured: loopback only"
+        );
+    }
 }

@@ -542,4 +542,40 @@ mod tests {
         assert_eq!(b.counter("reportHISData"), ("reportHISData", 100));
         assert_eq!(b.counter("verifyQRCode"), ("verifyQRCode", 100));
     }
+
+    #[test]
+    fn the_admin_listener_off_loopback_needs_networks_and_a_token() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("s");
+        std::fs::write(&secret, "sec").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let token = d.path().join("admin_token");
+        std::fs::write(&token, "a-long-admin-token-0123456789\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |admin: &str| {
+            let text = format!(
+                "[gateway]\nlisten = \"127.0.0.1:7443\"\n{admin}\n[upstream]\nbase_url = \"http://127.0.0.1:1\"\napp_id = \"a\"\nhospital_id = \"h\"\napp_secret_file = \"{}\"\n",
+                secret.display()
+            );
+            parse(&text, &d.path().join("g.toml"), &Env::default())
+        };
+        // The old name still works, on loopback.
+        let c = with("metrics_listen = \"127.0.0.1:9411\"").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9411".parse().unwrap()));
+        let p = with("admin_listen = \"10.0.0.5:9411\"").unwrap_err();
+        assert_eq!(p[0].key, "gateway.admin_listen");
+        assert!(p[0].message.contains("admin_allow"), "{p:?}");
+        let p =
+            with("admin_listen = \"10.0.0.5:9411\"\nadmin_allow = [\"10.8.0.0/33x\"]").unwrap_err();
+        assert!(p.iter().any(|p| p.key == "gateway.admin_allow"), "{p:?}");
+        let c = with(&format!(
+            "admin_listen = \"10.0.0.5:9411\"\nadmin_allow = [\"10.8.0.0/16\"]\nadmin_token_file = \"{}\"",
+            token.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("a-long-admin-token-0123456789")
+        );
+    }
 }

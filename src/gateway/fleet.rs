@@ -86,6 +86,9 @@ pub struct Row {
     pub disk_fault: Option<String>,
     pub clock_offset_s: Option<i64>,
     pub token_revocations: i64,
+    /// When a token of the terminal's was last revoked by a newer one.
+    pub token_last_revoked_at: Option<i64>,
+    pub token_refreshes: i64,
     pub recent_errors: Vec<ErrorRow>,
     /// Worst first; empty when all is well.
     pub attention: Vec<Cause>,
@@ -93,7 +96,11 @@ pub struct Row {
 
 impl Row {
     fn worst(&self) -> u8 {
-        self.attention.iter().map(|c| c.severity).min().unwrap_or(u8::MAX)
+        self.attention
+            .iter()
+            .map(|c| c.severity)
+            .min()
+            .unwrap_or(u8::MAX)
     }
 }
 
@@ -169,6 +176,8 @@ pub fn row(t: &Terminal, beat: Option<&StoredBeat>, now: i64) -> Row {
         disk_fault: None,
         clock_offset_s: None,
         token_revocations: 0,
+        token_last_revoked_at: None,
+        token_refreshes: 0,
         recent_errors: vec![],
         attention: vec![],
     };
@@ -196,17 +205,19 @@ pub fn row(t: &Terminal, beat: Option<&StoredBeat>, now: i64) -> Row {
         .get("hisClients")
         .and_then(Value::as_array)
         .map_or(0, Vec::len);
-    r.unsent = i(st, &["outbox", "pending"]).unwrap_or(0) + i(st, &["outbox", "waiting"]).unwrap_or(0);
+    r.unsent =
+        i(st, &["outbox", "pending"]).unwrap_or(0) + i(st, &["outbox", "waiting"]).unwrap_or(0);
     r.held = i(st, &["outbox", "held"]).unwrap_or(0);
     // The age when the beat was sent, plus the time since.
-    r.oldest_unsent_age_s =
-        i(st, &["outbox", "oldestPendingAgeS"]).map(|a| a + silent.max(0));
+    r.oldest_unsent_age_s = i(st, &["outbox", "oldestPendingAgeS"]).map(|a| a + silent.max(0));
     r.uploads_stopped = s(st, &["uploads", "stopped"]);
     r.rate_limited_until_beijing = i(st, &["uploads", "rateLimitedUntil"])
         .filter(|u| *u > now)
         .map(beijing);
     r.disk_fault = s(st, &["outbox", "diskFault"]);
     r.token_revocations = i(st, &["token", "revocations"]).unwrap_or(0);
+    r.token_last_revoked_at = i(st, &["token", "lastRevokedAt"]);
+    r.token_refreshes = i(st, &["token", "refreshes"]).unwrap_or(0);
     if let Some(m) = st.get("scanners").and_then(Value::as_object) {
         for (name, sc) in m {
             let since = i(sc, &["since"]);
@@ -341,6 +352,25 @@ fn assess(r: &mut Row, now: i64, silent: i64) {
             format!("Clock {} {dir_en}", age(off.abs())),
         ));
     }
+    if let Some(t) = r
+        .token_last_revoked_at
+        .filter(|t| now - *t < crate::agent::status::REVOCATION_WINDOW_S)
+    {
+        a.push(cause(
+            "token",
+            2,
+            format!(
+                "令牌被撤销 {} 次（最后 {}）：此终端的账号还在别处使用",
+                r.token_revocations,
+                when(t, now)
+            ),
+            format!(
+                "Token revoked {} time(s), last {}: this terminal's credentials are used elsewhere too",
+                r.token_revocations,
+                when(t, now)
+            ),
+        ));
+    }
     a.sort_by_key(|c| c.severity);
 }
 
@@ -433,12 +463,9 @@ pub fn fill_metrics(f: &Fleet) {
         m.fleet_outbox_oldest_age
             .get_or_create(&l)
             .set(r.oldest_unsent_age_s.unwrap_or(0));
-        m.fleet_scanners_down.get_or_create(&l).set(
-            r.scanners
-                .iter()
-                .filter(|s| s.state != "connected")
-                .count() as i64,
-        );
+        m.fleet_scanners_down
+            .get_or_create(&l)
+            .set(r.scanners.iter().filter(|s| s.state != "connected").count() as i64);
         m.fleet_uploads_stopped
             .get_or_create(&l)
             .set(i64::from(r.uploads_stopped.is_some()));
@@ -494,12 +521,20 @@ mod tests {
     #[test]
     fn attention_first_worst_first_with_causes_in_words() {
         let now = 1_764_640_000;
-        let names = ["a-ok", "b-unplugged", "c-backlog", "d-stale", "e-stopped", "f-never"];
+        let names = [
+            "a-ok",
+            "b-unplugged",
+            "c-backlog",
+            "d-stale",
+            "e-stopped",
+            "f-never",
+        ];
         let ts: Vec<Terminal> = names.iter().map(|n| t(n)).collect();
         let mut unplugged = healthy();
         unplugged["scanners"]["s1"] = json!({"state": "waitingForDevice", "since": now - 600});
         let mut backlog = healthy();
-        backlog["outbox"] = json!({"pending": 300, "waiting": 40, "held": 0, "oldestPendingAgeS": 10800});
+        backlog["outbox"] =
+            json!({"pending": 300, "waiting": 40, "held": 0, "oldestPendingAgeS": 10800});
         let mut stopped = healthy();
         stopped["uploads"] = json!({"stopped": "result code 21006 (签名错误)"});
         stopped["recentErrors"] = json!([{"at": now - 5, "api": "reportHISData", "code": 21006, "what": "configuration"}]);
@@ -514,28 +549,52 @@ mod tests {
         let order: Vec<&str> = f.rows.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             order,
-            ["b-unplugged", "d-stale", "e-stopped", "c-backlog", "f-never", "a-ok"]
+            [
+                "b-unplugged",
+                "d-stale",
+                "e-stopped",
+                "c-backlog",
+                "f-never",
+                "a-ok"
+            ]
         );
         assert_eq!(f.needs_attention, 5);
         let by = |n: &str| f.rows.iter().find(|r| r.name == n).unwrap();
-        assert!(by("b-unplugged").attention[0].en.contains("Scanner s1 unplugged since"));
+        assert!(by("b-unplugged").attention[0]
+            .en
+            .contains("Scanner s1 unplugged since"));
         assert!(by("b-unplugged").attention[0].zh.contains("未连接"));
-        assert!(by("c-backlog").attention[0].en.contains("340 uses not uploaded, oldest 3 h"), "{:?}", by("c-backlog").attention);
+        assert!(
+            by("c-backlog").attention[0]
+                .en
+                .contains("340 uses not uploaded, oldest 3 h"),
+            "{:?}",
+            by("c-backlog").attention
+        );
         assert!(by("d-stale").stale && by("d-stale").attention[0].kind == "stale");
-        assert!(by("e-stopped").attention[0].en.starts_with("Uploads stopped: result code 21006"));
+        assert!(by("e-stopped").attention[0]
+            .en
+            .starts_with("Uploads stopped: result code 21006"));
         let e = &by("e-stopped").recent_errors[0];
         assert_eq!(e.code, Some(21006));
         assert!(e.meaning.as_deref().unwrap_or("").contains("签名"), "{e:?}");
         assert!(by("a-ok").attention.is_empty() && !by("a-ok").stale);
         let text = table(&f);
-        assert!(text.lines().nth(2).unwrap().starts_with("b-unplugged"), "{text}");
+        assert!(
+            text.lines().nth(2).unwrap().starts_with("b-unplugged"),
+            "{text}"
+        );
         assert!(text.contains("a-ok") && text.contains(" ok"), "{text}");
     }
 
     #[test]
     fn a_beat_from_a_future_agent_with_odd_fields_still_makes_a_row() {
         let now = 1_764_640_000;
-        let b = beat("x", now, json!({"scanners": "not a map", "outbox": {"pending": "many"}, "new": [1, 2]}));
+        let b = beat(
+            "x",
+            now,
+            json!({"scanners": "not a map", "outbox": {"pending": "many"}, "new": [1, 2]}),
+        );
         let r = row(&t("x"), Some(&b), now);
         assert!(!r.stale);
         assert_eq!(r.unsent, 0);

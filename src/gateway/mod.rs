@@ -124,8 +124,8 @@ impl RunningGateway {
                     .map_err(|source| GatewayError::Listen { addr: a, source })?;
                 let addr = l.local_addr().ok();
                 let s3 = stop.clone();
-                let app = admin::router(gw.clone())
-                    .into_make_service_with_connect_info::<tls::Peer>();
+                let app =
+                    admin::router(gw.clone()).into_make_service_with_connect_info::<tls::Peer>();
                 tokio::spawn(async move {
                     let _ = axum::serve(l, app)
                         .with_graceful_shutdown(async move { s3.cancelled().await })

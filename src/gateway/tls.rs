@@ -183,7 +183,11 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let resumed = tls.get_ref().1.handshake_kind()
                                 == Some(tokio_rustls::rustls::HandshakeKind::Resumed);
-                            let n = if resumed { &counts.resumed } else { &counts.full };
+                            let n = if resumed {
+                                &counts.resumed
+                            } else {
+                                &counts.full
+                            };
                             n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let _ = tx.send((tls, peer)).await;
                         }

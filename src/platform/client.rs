@@ -36,8 +36,8 @@ use serde_json::{Map, Value};
 use super::api::{self, Api, GetAppToken, ResponseError, MAX_BODY};
 use super::error::{classify, Class};
 use super::sign;
-use super::warm::Warmth;
 use super::token::{Identity, SharedTokens, StoreError, Token, TokenStore, MIN_REFRESH_INTERVAL};
+use super::warm::Warmth;
 use crate::clock;
 use crate::config::{Config, Secret};
 
@@ -478,9 +478,7 @@ impl Client {
     /// connection is warm, start opening one now, while the rest of the
     /// code arrives. Returns at once.
     pub fn preconnect(&self) {
-        if !self.inner.settings.preconnect
-            || self.inner.warmth.is_warm(std::time::Instant::now())
-        {
+        if !self.inner.settings.preconnect || self.inner.warmth.is_warm(std::time::Instant::now()) {
             return;
         }
         if self.inner.warmth.begin() {
@@ -1052,8 +1050,8 @@ fn http_client(settings: &ClientSettings) -> Result<reqwest::Client, BuildError>
         .tcp_keepalive(Duration::from_secs(15));
     match &settings.proxy {
         Some(p) => {
-            let proxy = reqwest::Proxy::all(p)
-                .map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
+            let proxy =
+                reqwest::Proxy::all(p).map_err(|e| BuildError::Proxy(p.clone(), e.to_string()))?;
             b = b.proxy(proxy);
         }
         // Only the configured proxy is used: a stray http_proxy in the

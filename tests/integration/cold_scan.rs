@@ -64,8 +64,11 @@ impl Agent {
     /// by [`Agent::keys`], its HIS socket read by [`Agent::card`].
     async fn start(dir: &Path, base: &str, ca: &Path, platform_extra: &str) -> Agent {
         std::fs::write(dir.join("app_secret"), SECRET).unwrap();
-        std::fs::set_permissions(dir.join("app_secret"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.join("app_secret"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         let text = format!(
             "[platform]\nbase_url = \"{base}\"\napp_id = \"{APP_ID}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{HOSPITAL}\"\n\
              ca_file = \"{}\"\n{platform_extra}\n\
@@ -141,7 +144,10 @@ async fn the_first_byte_opens_the_connection_the_scan_rides() {
         assert!(i < 2000, "the use was never uploaded");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    until("the server closed the idle connections", || proxy.open() == 0).await;
+    until("the server closed the idle connections", || {
+        proxy.open() == 0
+    })
+    .await;
     let before = proxy.connections();
     let code = minted(&sim);
     let (first, rest) = code.split_at(1);
@@ -161,7 +167,10 @@ async fn the_first_byte_opens_the_connection_the_scan_rides() {
         "the scan rode the connection its first byte opened"
     );
     let (_, resumed) = sim.handshakes().unwrap();
-    assert!(resumed >= 1, "TLS sessions are resumed, not renegotiated in full");
+    assert!(
+        resumed >= 1,
+        "TLS sessions are resumed, not renegotiated in full"
+    );
     a.app.shutdown().await;
 }
 
@@ -213,11 +222,18 @@ async fn a_warm_up_at_the_gateway_warms_its_upstream() {
     let cfg =
         ehc_agent::gateway::config::load(Some(&d.path().join("gateway.toml")), &Default::default())
             .unwrap();
-    let gw = Arc::new(ehc_agent::gateway::RunningGateway::start(cfg).await.unwrap());
+    let gw = Arc::new(
+        ehc_agent::gateway::RunningGateway::start(cfg)
+            .await
+            .unwrap(),
+    );
     // Its token fetch at start used a connection; wait until the platform
     // closed it for idleness.
     until("the gateway fetched its token", || proxy.connections() >= 1).await;
-    until("the server closed the idle connection", || proxy.open() == 0).await;
+    until("the server closed the idle connection", || {
+        proxy.open() == 0
+    })
+    .await;
     let before = proxy.connections();
     let r = http()
         .head(format!("{}/", gw.base_url()))
@@ -258,7 +274,10 @@ async fn sim_tls_serves_https_with_a_ca_it_made() {
             break;
         }
     }
-    assert!(banner.contains("ca.pem"), "says which CA to trust: {banner}");
+    assert!(
+        banner.contains("ca.pem"),
+        "says which CA to trust: {banner}"
+    );
     assert!(
         banner.contains(&format!("https://127.0.0.1:{port}")),
         "{banner}"

@@ -95,7 +95,13 @@ fn causes(r: &Value) -> String {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| format!("{} / {}", c["zh"].as_str().unwrap(), c["en"].as_str().unwrap()))
+        .map(|c| {
+            format!(
+                "{} / {}",
+                c["zh"].as_str().unwrap(),
+                c["en"].as_str().unwrap()
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -105,8 +111,11 @@ fn causes(r: &Value) -> String {
 async fn real_agent(dir: &Path, gw: &RunningGateway, name: &str) -> ehc_agent::agent::app::App {
     let t = gw.store.add_terminal(name, now()).unwrap();
     std::fs::write(dir.join("app_secret"), &t.secret).unwrap();
-    std::fs::set_permissions(dir.join("app_secret"), std::fs::Permissions::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(
+        dir.join("app_secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let text = format!(
         "[platform]\nbase_url = \"{}\"\napp_id = \"{}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{HOSPITAL}\"\nheartbeat_s = 1\n\
          [terminal]\nid = \"WIN-REAL\"\ndepartment = \"内科\"\ncity_code = \"1\"\ncity_name = \"c\"\nhospital_code = \"h\"\nhospital_name = \"h\"\n\
@@ -167,26 +176,49 @@ async fn fifty_terminals_one_page_attention_first() {
     let mut f = Value::Null;
     for i in 0.. {
         f = fleet_json(admin).await;
-        let stale = f["rows"].as_array().unwrap().iter().any(|r| r["name"] == "t-stale" && r["stale"] == true);
-        let real = f["rows"].as_array().unwrap().iter().any(|r| r["name"] == "w-real" && r["terminalId"] == "WIN-REAL");
+        let stale = f["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "t-stale" && r["stale"] == true);
+        let real = f["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "w-real" && r["terminalId"] == "WIN-REAL");
         if stale && real {
             break;
         }
-        assert!(i < 200, "t-stale never went stale, or w-real never beat: {f}");
+        assert!(
+            i < 200,
+            "t-stale never went stale, or w-real never beat: {f}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(f["terminals"], 51);
     assert_eq!(f["needsAttention"], 4, "{f:#}");
     let rows = f["rows"].as_array().unwrap();
-    let first: Vec<&str> = rows[..4].iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let first: Vec<&str> = rows[..4]
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     let mut sorted = first.clone();
     sorted.sort();
     assert_eq!(sorted, PROBLEMS, "needing attention first: {first:?}");
-    assert!(rows[4..].iter().all(|r| r["attention"].as_array().unwrap().is_empty()));
+    assert!(rows[4..]
+        .iter()
+        .all(|r| r["attention"].as_array().unwrap().is_empty()));
     let unplugged = causes(row(&f, "t-unplugged"));
-    assert!(unplugged.contains("扫码枪 counter 未连接") && unplugged.contains("Scanner counter unplugged since"), "{unplugged}");
+    assert!(
+        unplugged.contains("扫码枪 counter 未连接")
+            && unplugged.contains("Scanner counter unplugged since"),
+        "{unplugged}"
+    );
     let backlog = causes(row(&f, "t-backlog"));
-    assert!(backlog.contains("340 uses not uploaded, oldest 3 h"), "{backlog}");
+    assert!(
+        backlog.contains("340 uses not uploaded, oldest 3 h"),
+        "{backlog}"
+    );
     assert!(causes(row(&f, "t-stale")).contains("No heartbeat for"));
     let stopped = row(&f, "t-stopped");
     assert!(causes(stopped).contains("Uploads stopped: result code 21006"));
@@ -198,7 +230,10 @@ async fn fifty_terminals_one_page_attention_first() {
         "2026-12-02 09:12:00".len()
     );
     let real = row(&f, "w-real");
-    assert_eq!(real["clockOffsetS"].as_i64().map(|o| o.abs() <= 2), Some(true));
+    assert_eq!(
+        real["clockOffsetS"].as_i64().map(|o| o.abs() <= 2),
+        Some(true)
+    );
 
     // The same in the terminal: a table, attention first, exit 1.
     let out = agent_cmd()
@@ -209,7 +244,10 @@ async fn fifty_terminals_one_page_attention_first() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].starts_with("51 terminal(s), 4 need attention, 1 stale"), "{text}");
+    assert!(
+        lines[0].starts_with("51 terminal(s), 4 need attention, 1 stale"),
+        "{text}"
+    );
     for l in &lines[2..6] {
         assert!(PROBLEMS.iter().any(|p| l.starts_with(p)), "{text}");
     }
@@ -282,7 +320,10 @@ async fn browser_shows_attention_first(admin: std::net::SocketAddr) {
                     .unwrap_or("")
                     .to_owned()
             };
-            (attr("data-terminal"), attr("data-attention").parse().unwrap_or(0))
+            (
+                attr("data-terminal"),
+                attr("data-attention").parse().unwrap_or(0),
+            )
         })
         .collect();
     assert_eq!(rows.len(), 51, "every terminal is a row: {dom}");
@@ -291,7 +332,13 @@ async fn browser_shows_attention_first(admin: std::net::SocketAddr) {
     assert_eq!(first, PROBLEMS);
     assert!(rows[..4].iter().all(|(_, n)| *n > 0));
     assert!(rows[4..].iter().all(|(_, n)| *n == 0));
-    for words in ["Scanner counter unplugged since", "340 uses not uploaded", "No heartbeat for", "Uploads stopped: result code 21006", "需立即处理"] {
+    for words in [
+        "Scanner counter unplugged since",
+        "340 uses not uploaded",
+        "No heartbeat for",
+        "Uploads stopped: result code 21006",
+        "需立即处理",
+    ] {
         assert!(dom.contains(words), "the page says `{words}`");
     }
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet.png");
@@ -301,8 +348,18 @@ async fn browser_shows_attention_first(admin: std::net::SocketAddr) {
     let out = tokio::task::spawn_blocking(move || headless(&chromium, &p, &arg, &url))
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "a screenshot in {}", shot.display());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "a screenshot in {}",
+        shot.display()
+    );
     eprintln!("fleet page screenshot: {}", shot.display());
 }
 

@@ -327,4 +327,26 @@ fn lease_and_compare_and_set() {
         s.budget_used(9).unwrap(),
         [(hospital.to_owned(), 2), ("reportHISData".to_owned(), 1)]
     );
+
+    // Heartbeats: one per terminal, the latest kept, the same for every
+    // gateway reading the store.
+    let beat = |t: &str, at: i64| ehc_agent::gateway::store::StoredBeat {
+        terminal: t.into(),
+        received_at: at,
+        clock_offset_s: 0,
+        peer: "10.0.0.9".into(),
+        beat: ehc_agent::platform::heartbeat::Beat {
+            version: "0.1.0".into(),
+            terminal_id: t.to_uppercase(),
+            interval_s: 30,
+            status: serde_json::json!({"outbox": {"pending": at}}),
+        },
+    };
+    s.put_beat(&beat("w1", 1)).unwrap();
+    s.put_beat(&beat("w2", 2)).unwrap();
+    s.put_beat(&beat("w1", 3)).unwrap();
+    let other = RedisStore::new(&redis.url(), "t:").unwrap();
+    let mut got = other.beats().unwrap();
+    got.sort_by(|a, b| a.terminal.cmp(&b.terminal));
+    assert_eq!(got, [beat("w1", 3), beat("w2", 2)]);
 }

@@ -19,6 +19,11 @@
 //! take them. Held events stay held until the session has written them
 //! ([`Hub::rehold`] puts back what it could not write); past `hold_s`, or
 //! past the bound, they are dropped and counted ([`Hub::held_dropped`]).
+//!
+//! Every event also gets a sequence number and stays in a journal for
+//! `hold_s` (at most [`MAX_HELD`]), for HIS clients that cannot hold a
+//! connection (the local HTTP API, [`super::http`]): they ask for what came
+//! after the last number they saw, so one that was away gets what it missed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +46,8 @@ pub type Line = Arc<str>;
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Mutex<State>>,
+    /// The last event's number (0: none yet), for waiters on the journal.
+    seq: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 struct State {
@@ -50,6 +57,8 @@ struct State {
     clients: HashMap<u64, Client>,
     held: VecDeque<(Line, Instant)>,
     held_dropped: u64,
+    /// Every event with its number and deadline, oldest first.
+    journal: VecDeque<(u64, Line, Instant)>,
 }
 
 struct Client {
@@ -88,8 +97,34 @@ impl Hub {
                 clients: HashMap::new(),
                 held: VecDeque::new(),
                 held_dropped: 0,
+                journal: VecDeque::new(),
             })),
+            seq: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// Events after number `after`, in order, with the last number; events
+    /// older than `hold_s` are gone. An `after` beyond the last number is
+    /// from before a restart (numbers start again at 1): every event held
+    /// is returned.
+    pub fn events_after(&self, after: u64) -> (Vec<(u64, Line)>, u64) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.journal.retain(|(_, _, until)| *until > now);
+        let last = *self.seq.borrow();
+        let from = if after > last { 0 } else { after };
+        let v = st
+            .journal
+            .iter()
+            .filter(|(n, _, _)| *n > from)
+            .map(|(n, l, _)| (*n, l.clone()))
+            .collect();
+        (v, last)
+    }
+
+    /// The last event's number now, and a receiver that changes with it.
+    pub fn watch_seq(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.seq.subscribe()
     }
 
     /// A reload's new `hold_s`, for events held from now on.
@@ -107,6 +142,17 @@ impl Hub {
         let mut st = self.lock();
         let now = Instant::now();
         drop_expired(&mut st, now);
+        // Numbered under the lock, so the journal is in number order.
+        let n = *self.seq.borrow() + 1;
+        st.journal.retain(|(_, _, until)| *until > now);
+        if st.journal.len() >= MAX_HELD {
+            st.journal.pop_front();
+        }
+        let until = now + st.hold;
+        if !st.hold.is_zero() {
+            st.journal.push_back((n, line.clone(), until));
+        }
+        self.seq.send_replace(n);
         let mut stuck = Vec::new();
         let mut sent = 0;
         let mut identified = 0;
@@ -340,6 +386,36 @@ mod tests {
         hub.broadcast("card".into());
         assert_eq!(hub.held_count(), 0);
         assert_eq!(hub.held_dropped(), 1);
+    }
+
+    /// The journal: numbered, in order, what came after a number, and a
+    /// number from before a restart gets everything still held.
+    #[test]
+    fn the_journal_answers_what_came_after() {
+        let hub = Hub::new(Duration::from_secs(30));
+        let rx = hub.watch_seq();
+        for i in 1..=5 {
+            hub.broadcast(format!("e{i}").into());
+        }
+        assert_eq!(*rx.borrow(), 5);
+        let (v, last) = hub.events_after(3);
+        assert_eq!(last, 5);
+        assert_eq!(
+            v.iter().map(|(n, l)| format!("{n}{l}")).collect::<Vec<_>>(),
+            ["4e4", "5e5"]
+        );
+        assert!(hub.events_after(5).0.is_empty());
+        assert_eq!(
+            hub.events_after(900).0.len(),
+            5,
+            "a number from before a restart"
+        );
+        for i in 0..MAX_HELD {
+            hub.broadcast(format!("f{i}").into());
+        }
+        let (v, _) = hub.events_after(0);
+        assert_eq!(v.len(), MAX_HELD, "bounded");
+        assert_eq!(v[0].0, 6, "the oldest went first");
     }
 
     /// `hold_s` expiry on tokio's paused clock.

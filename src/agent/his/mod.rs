@@ -3,6 +3,7 @@
 //! ([`server`]), and the token TCP and WebSocket clients present
 //! ([`token`]).
 
+pub mod http;
 pub mod hub;
 pub mod protocol;
 pub mod server;
