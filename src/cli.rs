@@ -55,6 +55,21 @@ pub enum Command {
         #[command(flatten)]
         at: ControlArg,
     },
+    /// Let a browser HIS page on ORIGIN reach the agent on loopback: write the Local Network Access policies for Chromium, Chrome and Edge.
+    BrowserPolicy {
+        /// The HIS page's origin, e.g. http://his.hospital.lan:8080 (repeat for more).
+        #[arg(long = "origin", required = true)]
+        origins: Vec<String>,
+        /// Only say whether the policies are in place (exit 0) or not (exit 1).
+        #[arg(long)]
+        check: bool,
+        /// Only these browsers: chromium, chrome, edge (repeat; default all three).
+        #[arg(long = "browser", value_parser = ["chromium", "chrome", "edge"])]
+        browsers: Vec<String>,
+        /// Prefix for the /etc paths (for a system image being prepared).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// List attached candidate scanners and print a ready [[scanner]] block for each.
     Scanners {
         #[arg(long)]

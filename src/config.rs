@@ -202,6 +202,10 @@ pub struct HisSection {
     pub listen_tcp: Option<String>,
     #[serde(default)]
     pub listen_ws: Option<String>,
+    /// The local HTTP API (long poll, Server-Sent Events, `use`, `bind`),
+    /// loopback only.
+    #[serde(default)]
+    pub listen_http: Option<String>,
     #[serde(default)]
     pub allowed_origins: Vec<String>,
     #[serde(default = "default_hold_s")]
@@ -227,6 +231,7 @@ impl Default for HisSection {
             socket_group: None,
             listen_tcp: None,
             listen_ws: None,
+            listen_http: None,
             allowed_origins: Vec::new(),
             hold_s: default_hold_s(),
             use_wait_s: 0,
@@ -341,6 +346,7 @@ pub struct Config {
     pub his: HisSection,
     pub his_tcp: Option<SocketAddr>,
     pub his_ws: Option<SocketAddr>,
+    pub his_http: Option<SocketAddr>,
     pub his_unix: PathBuf,
     /// The HIS token read from `his.token_file`, when one is set.
     pub his_token: Option<Secret>,
@@ -634,6 +640,10 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         .listen_ws
         .as_deref()
         .and_then(|a| v.loopback("his.listen_ws", a));
+    let his_http = his
+        .listen_http
+        .as_deref()
+        .and_then(|a| v.loopback("his.listen_http", a));
     let metrics_addr = metrics
         .as_ref()
         .and_then(|m| v.loopback("metrics.listen", &m.listen));
@@ -717,6 +727,7 @@ pub fn parse(text: &str, base: &Path, env: &Env) -> Result<Config, Vec<Problem>>
         his,
         his_tcp,
         his_ws,
+        his_http,
         his_unix,
         his_token,
         offline,
@@ -1065,9 +1076,10 @@ impl Config {
         );
         let _ = writeln!(
             s,
-            "           tcp {} ws {} origins [{}]",
+            "           tcp {} ws {} http {} origins [{}]",
             opt_addr(self.his_tcp),
             opt_addr(self.his_ws),
+            opt_addr(self.his_http),
             h.allowed_origins.join(", ")
         );
         let _ = writeln!(

@@ -244,6 +244,7 @@ pub struct App {
     pub his_unix: Option<PathBuf>,
     pub his_tcp: Option<SocketAddr>,
     pub his_ws: Option<SocketAddr>,
+    pub his_http: Option<SocketAddr>,
     pub control: PathBuf,
     pub metrics: Option<SocketAddr>,
     /// Inject scans as a scanner would.
@@ -276,6 +277,7 @@ struct Running {
     unix: Option<Part<PathBuf>>,
     tcp: Option<Part<SocketAddr>>,
     ws: Option<Part<SocketAddr>>,
+    http: Option<Part<SocketAddr>>,
     control: Part<PathBuf>,
     metrics: Option<Part<SocketAddr>>,
     uploader: CancellationToken,
@@ -296,7 +298,7 @@ fn hello(cfg: &Config) -> Out {
 /// The HIS listeners' settings, with the token TCP and WebSocket clients
 /// present (loaded, or made and published, only when one of them is on).
 fn his_settings(cfg: &Config) -> Result<HisSettings, StartError> {
-    let token = if cfg.his_tcp.is_some() || cfg.his_ws.is_some() {
+    let token = if cfg.his_tcp.is_some() || cfg.his_ws.is_some() || cfg.his_http.is_some() {
         let gid = crate::agent::his::server::socket_gid(cfg.his.socket_group.as_deref())?;
         let state_dir = cfg
             .state_path
@@ -321,6 +323,7 @@ fn his_settings(cfg: &Config) -> Result<HisSettings, StartError> {
         socket_group: cfg.his.socket_group.clone(),
         tcp: cfg.his_tcp,
         ws: cfg.his_ws,
+        http: cfg.his_http,
         allowed_origins: cfg.his.allowed_origins.clone(),
         token,
         max_clients: cfg.his.max_clients,
@@ -377,6 +380,10 @@ impl App {
             Some(a) => Some(crate::agent::his::server::bind_tcp(a).await?),
             None => None,
         };
+        let http_l = match cfg.his_http {
+            Some(a) => Some(crate::agent::his::server::bind_tcp(a).await?),
+            None => None,
+        };
         let control_path = crate::agent::control::path_for(&cfg.his_unix);
         let control = crate::agent::control::bind(&control_path).await?;
         let metrics_listener = match cfg.metrics {
@@ -412,6 +419,7 @@ impl App {
         );
         let his_tcp = tcp_l.as_ref().and_then(|l| l.local_addr().ok());
         let his_ws = ws_l.as_ref().and_then(|l| l.local_addr().ok());
+        let his_http = http_l.as_ref().and_then(|l| l.local_addr().ok());
         let unix_stop = cancel.child_token();
         server.serve_unix(unix_l, cfg.his_unix.clone(), unix_stop.clone());
         let tcp = tcp_l.map(|l| {
@@ -427,6 +435,14 @@ impl App {
             server.serve_ws(l, stop.clone());
             Part {
                 key: cfg.his_ws.expect("bound because configured"),
+                stop,
+            }
+        });
+        let http = http_l.map(|l| {
+            let stop = cancel.child_token();
+            server.serve_http(l, stop.clone());
+            Part {
+                key: cfg.his_http.expect("bound because configured"),
                 stop,
             }
         });
@@ -508,6 +524,7 @@ impl App {
             his_unix = %cfg.his_unix.display(),
             his_tcp = %shown(his_tcp),
             his_ws = %shown(his_ws),
+            his_http = %shown(his_http),
             control = %control_path.display(),
             metrics = %shown(metrics),
             outbox = %cfg.outbox_path.display(),
@@ -521,6 +538,7 @@ impl App {
             his_unix: Some(cfg.his_unix.clone()),
             his_tcp,
             his_ws,
+            his_http,
             control: control_path.clone(),
             metrics,
             scans: tx,
@@ -539,6 +557,7 @@ impl App {
                 }),
                 tcp,
                 ws,
+                http,
                 control: Part {
                     key: control_path,
                     stop: control_stop,
@@ -698,6 +717,10 @@ impl App {
             .reload_tcp(new.his_ws, Listener::Ws, &mut faults)
             .await
             .or(self.his_ws.filter(|_| self.running.ws.is_some()));
+        self.his_http = self
+            .reload_tcp(new.his_http, Listener::Http, &mut faults)
+            .await
+            .or(self.his_http.filter(|_| self.running.http.is_some()));
         if new.metrics != self.running.metrics.as_ref().map(|p| p.key) {
             match new.metrics {
                 None => {
@@ -769,6 +792,7 @@ impl App {
         }
         applied.his_tcp = self.running.tcp.as_ref().map(|p| p.key);
         applied.his_ws = self.running.ws.as_ref().map(|p| p.key);
+        applied.his_http = self.running.http.as_ref().map(|p| p.key);
         applied.metrics = self.running.metrics.as_ref().map(|p| p.key);
         if !client_ok {
             applied.platform = old.platform.clone();
@@ -790,6 +814,7 @@ impl App {
         let slot = match which {
             Listener::Tcp => &mut self.running.tcp,
             Listener::Ws => &mut self.running.ws,
+            Listener::Http => &mut self.running.http,
         };
         if want == slot.as_ref().map(|p| p.key) {
             return None;
@@ -807,6 +832,7 @@ impl App {
                 match which {
                     Listener::Tcp => self.server.serve_tcp(l, stop.clone()),
                     Listener::Ws => self.server.serve_ws(l, stop.clone()),
+                    Listener::Http => self.server.serve_http(l, stop.clone()),
                 }
                 if let Some(p) = slot.replace(Part { key: addr, stop }) {
                     p.stop.cancel();
@@ -848,6 +874,7 @@ impl App {
 enum Listener {
     Tcp,
     Ws,
+    Http,
 }
 
 impl Listener {
@@ -855,6 +882,7 @@ impl Listener {
         match self {
             Listener::Tcp => "his.listen_tcp",
             Listener::Ws => "his.listen_ws",
+            Listener::Http => "his.listen_http",
         }
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
+mod browser_policy;
 mod gateway;
 mod outbox;
 
@@ -77,6 +78,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(a) => Ok(check(a.config.as_deref(), &Env::from_process())),
         Command::Outbox(a) => outbox::run(a),
         Command::Scanners { json, all } => scanners(json, all),
+        Command::BrowserPolicy {
+            origins,
+            check,
+            browsers,
+            root,
+        } => browser_policy_cmd(&origins, check, &browsers, &root),
         Command::Status { json, at } => runtime()?.block_on(status(json, at)),
         Command::Scan { text, at } => runtime()?.block_on(scan(text, at)),
         Command::Sign(a) => sign_cmd(a),
@@ -385,6 +392,58 @@ fn sim_tls(
         _ => return Ok(None),
     };
     tls::acceptor(&cert, &key).map(Some)
+}
+
+fn browser_policy_cmd(
+    origins: &[String],
+    check: bool,
+    browsers: &[String],
+    root: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let mut clean = Vec::new();
+    for o in origins {
+        match browser_policy::check_origin(o) {
+            Ok(c) => clean.push(c),
+            Err(e) => {
+                eprintln!("ehc-agent browser-policy: {e}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        }
+    }
+    let mut all = true;
+    for (browser, dir) in browser_policy::folders(root, browsers) {
+        for o in &clean {
+            if check {
+                match browser_policy::in_place(&dir, o) {
+                    Ok(true) => println!("{browser}: {o} allowed to reach loopback ({})", dir.display()),
+                    Ok(false) => {
+                        all = false;
+                        println!("{browser}: {o} NOT allowed (run without --check as root to add it to {})", dir.display());
+                    }
+                    Err(e) => {
+                        all = false;
+                        println!("{browser}: {e}");
+                    }
+                }
+            } else {
+                match browser_policy::install(&dir, o) {
+                    Ok(done) => {
+                        for d in done {
+                            println!("{browser}: {d}");
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("ehc-agent browser-policy: {browser}: {e}");
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+            }
+        }
+    }
+    if !check {
+        println!("Restart the browsers, or open chrome://policy and press Reload policies.");
+    }
+    Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {

@@ -21,6 +21,8 @@ pub struct Daemon {
     pub sock: PathBuf,
     pub tcp: String,
     pub ws: String,
+    /// The local HTTP API's address (`his_http`).
+    pub http: String,
     pub control: PathBuf,
     /// `off` or the metrics endpoint's address.
     pub metrics: String,
@@ -115,6 +117,7 @@ debounce_ms = 0
 listen_unix = "his.sock"
 listen_tcp = "127.0.0.1:0"
 listen_ws = "127.0.0.1:0"
+listen_http = "127.0.0.1:0"
 allowed_origins = [{origins}]
 hold_s = 30
 {group}
@@ -211,6 +214,7 @@ path = "{outbox}"
             sock: dir.path().join("his.sock"),
             tcp: field("his_tcp"),
             ws: field("his_ws"),
+            http: field("his_http"),
             control: PathBuf::from(field("control")),
             metrics: field("metrics"),
             dir: Some(dir),

@@ -15,6 +15,7 @@ mod gateway;
 mod gateway_ha;
 mod his_access;
 mod his_examples;
+mod his_http;
 mod outbox;
 mod outbox_cli;
 mod packaging;

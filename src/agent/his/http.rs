@@ -48,22 +48,25 @@ pub const MAX_WAIT_S: u64 = 60;
 /// Largest request body (a `use` or `bind` is a few hundred bytes).
 const MAX_BODY: usize = 64 * 1024;
 
-/// What every request reads: the token, the origins, the bound on
-/// waiting clients. Replaced as a whole by a reload.
+/// What every request reads: the token and the origins (a reload may
+/// change them).
 #[derive(Clone)]
 pub struct Access {
     pub token: Option<HisToken>,
     pub origins: Arc<Vec<String>>,
-    /// Long polls and streams open at once, at most.
-    pub max_waiting: usize,
 }
+
+/// Reads the current [`Access`] (a reload may have changed it).
+pub type AccessFn = Arc<dyn Fn() -> Access + Send + Sync>;
 
 pub struct Ctx<H> {
     pub hub: Hub,
     pub handler: Arc<H>,
-    pub access: Arc<std::sync::RwLock<Access>>,
+    pub access: AccessFn,
     pub waiting: Arc<tokio::sync::Semaphore>,
     pub version: &'static str,
+    /// Cancelled when the listener closes: waits and streams end.
+    pub end: tokio_util::sync::CancellationToken,
 }
 
 impl<H> Clone for Ctx<H> {
@@ -74,16 +77,14 @@ impl<H> Clone for Ctx<H> {
             access: self.access.clone(),
             waiting: self.waiting.clone(),
             version: self.version,
+            end: self.end.clone(),
         }
     }
 }
 
 impl<H> Ctx<H> {
     fn access(&self) -> Access {
-        self.access
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        (self.access)()
     }
 }
 
@@ -249,12 +250,22 @@ struct PollQuery {
     wait: Option<u64>,
 }
 
-fn events_json(v: &[(u64, super::hub::Line)]) -> Vec<Value> {
-    v.iter()
-        .map(|(n, l)| {
-            json!({"seq": n, "event": serde_json::from_str::<Value>(l).unwrap_or(Value::Null)})
-        })
-        .collect()
+/// `{"events":[{"seq":N,"event":LINE},...],"last":N}`, each event the
+/// socket protocol's line as it is (same fields, same order).
+fn events_response(v: &[(u64, super::hub::Line)], last: u64) -> Response {
+    let mut out = String::from("{\"events\":[");
+    for (i, (n, l)) in v.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{{\"seq\":{n},\"event\":{l}}}"));
+    }
+    out.push_str(&format!("],\"last\":{last}}}"));
+    (
+        [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")],
+        out,
+    )
+        .into_response()
 }
 
 async fn poll<H: Handler>(
@@ -280,15 +291,17 @@ async fn poll<H: Handler>(
     loop {
         let (v, last) = ctx.hub.events_after(after);
         if !v.is_empty() || wait.is_zero() {
-            return axum::Json(json!({"events": events_json(&v), "last": last})).into_response();
+            ctx.hub.taken(&v.iter().map(|(_, l)| l).collect::<Vec<_>>());
+            return events_response(&v, last);
         }
         // Only a number newer than the one just read wakes us.
         rx.borrow_and_update();
-        match tokio::time::timeout_at(deadline, rx.changed()).await {
-            Ok(Ok(())) => continue,
-            _ => {
-                return axum::Json(json!({"events": [], "last": last})).into_response();
-            }
+        let woke = tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx.changed()) => matches!(r, Ok(Ok(()))),
+            _ = ctx.end.cancelled() => false,
+        };
+        if !woke {
+            return events_response(&[], last);
         }
     }
 }
@@ -310,10 +323,14 @@ async fn stream<H: Handler>(
         );
     };
     let hub = ctx.hub.clone();
+    tracing::debug!(after = ?after, "HIS HTTP event stream opened");
     // Without a number: from now on (a page opened fresh does not replay
     // cards already shown); with one: what came after it.
     let start = after.unwrap_or_else(|| *hub.watch_seq().borrow());
-    let s = async_stream(hub, start, slot);
+    let s = futures_util::StreamExt::take_until(
+        async_stream(hub, start, slot),
+        ctx.end.clone().cancelled_owned(),
+    );
     Sse::new(s)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
@@ -342,6 +359,7 @@ fn async_stream(
                 rx.borrow_and_update();
                 let (v, last) = hub.events_after(seen);
                 if !v.is_empty() {
+                    hub.taken(&v.iter().map(|(_, l)| l).collect::<Vec<_>>());
                     seen = v.last().map(|(n, _)| *n).unwrap_or(last);
                     queue.extend(v.into_iter().map(|(n, l)| (n, l.to_string())));
                     continue;

@@ -122,6 +122,14 @@ impl Hub {
         (v, last)
     }
 
+    /// Events an HTTP client has taken ([`super::http`]) have reached HIS:
+    /// they are no longer held for the first socket client.
+    pub fn taken(&self, lines: &[&Line]) {
+        let mut st = self.lock();
+        st.held
+            .retain(|(h, _)| !lines.iter().any(|l| Arc::ptr_eq(h, l)));
+    }
+
     /// The last event's number now, and a receiver that changes with it.
     pub fn watch_seq(&self) -> tokio::sync::watch::Receiver<u64> {
         self.seq.subscribe()
@@ -416,6 +424,20 @@ mod tests {
         let (v, _) = hub.events_after(0);
         assert_eq!(v.len(), MAX_HELD, "bounded");
         assert_eq!(v[0].0, 6, "the oldest went first");
+    }
+
+    /// What an HTTP client took is not held for a socket client too.
+    #[test]
+    fn taken_over_http_is_no_longer_held() {
+        let hub = Hub::new(Duration::from_secs(30));
+        hub.broadcast("a".into());
+        hub.broadcast("b".into());
+        let (v, _) = hub.events_after(1);
+        hub.taken(&v.iter().map(|(_, l)| l).collect::<Vec<_>>());
+        let m = hub.join("his".into());
+        let held = hub.identify(m.id);
+        assert_eq!(held.len(), 1);
+        assert_eq!(&*held[0].0, "a");
     }
 
     /// `hold_s` expiry on tokio's paused clock.

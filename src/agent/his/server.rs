@@ -95,6 +95,7 @@ pub struct HisSettings {
     pub socket_group: Option<String>,
     pub tcp: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
     pub allowed_origins: Vec<String>,
     /// Required of TCP and WebSocket clients; without one those listeners
     /// refuse every connection.
@@ -111,6 +112,7 @@ impl Default for HisSettings {
             socket_group: None,
             tcp: None,
             ws: None,
+            http: None,
             allowed_origins: Vec::new(),
             token: None,
             max_clients: DEFAULT_MAX_CLIENTS,
@@ -404,6 +406,44 @@ impl<H: Handler> Server<H> {
         self.ctx
             .tracker
             .spawn(async move { accept_tcp(l, Slots::new("tcp"), ctx, stop).await });
+    }
+
+    /// The local HTTP API ([`super::http`]) until `stop`; long polls and
+    /// streams open at once are bounded by `max_clients`.
+    pub fn serve_http(&self, l: TcpListener, stop: CancellationToken) {
+        let shared = self.ctx.shared.clone();
+        let current = move || shared.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let max = current().max_clients;
+        let ctx = super::http::Ctx {
+            hub: self.ctx.hub.clone(),
+            handler: self.ctx.handler.clone(),
+            access: Arc::new(move || {
+                let s = current();
+                super::http::Access {
+                    token: s.token.clone(),
+                    origins: s.origins.clone(),
+                }
+            }),
+            waiting: Arc::new(tokio::sync::Semaphore::new(max)),
+            version: concat!("ehc-agent ", env!("CARGO_PKG_VERSION")),
+            // Long polls and streams end with the listener or at shutdown
+            // (a stream never ends by itself, and graceful shutdown waits
+            // for every response).
+            end: self.ctx.cancel.child_token(),
+        };
+        let end = ctx.end.clone();
+        let app = super::http::router(ctx);
+        self.ctx.tracker.spawn(async move {
+            let serve = axum::serve(l, app).with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => end.cancel(),
+                    _ = end.cancelled() => {}
+                }
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HIS HTTP listener stopped");
+            }
+        });
     }
 
     pub fn serve_ws(&self, l: TcpListener, stop: CancellationToken) {
