@@ -25,7 +25,10 @@ use serde_json::{Map, Value};
 
 /// The policies that exempt an origin from Local Network Access checks
 /// towards loopback.
-pub const POLICIES: [&str; 2] = ["LocalNetworkAccessAllowedForUrls", "LoopbackNetworkAllowedForUrls"];
+pub const POLICIES: [&str; 2] = [
+    "LocalNetworkAccessAllowedForUrls",
+    "LoopbackNetworkAllowedForUrls",
+];
 
 /// Our own file in each folder.
 pub const FILE: &str = "ehc-agent.json";
@@ -135,7 +138,10 @@ pub fn install(dir: &Path, origin: &str) -> Result<Vec<String>, PolicyError> {
         }
         let mut m = read_json(&target)?.unwrap_or_default();
         if has(&m, policy, origin) {
-            done.push(format!("{policy}: already has {origin} in {}", target.display()));
+            done.push(format!(
+                "{policy}: already has {origin} in {}",
+                target.display()
+            ));
             continue;
         }
         let list = m
@@ -178,9 +184,21 @@ mod tests {
 
     #[test]
     fn origins_are_checked_and_normalised() {
-        assert_eq!(check_origin("http://his.hospital.lan:8080").unwrap(), "http://his.hospital.lan:8080");
-        assert_eq!(check_origin("https://HIS.example.cn/").unwrap(), "https://his.example.cn");
-        for bad in ["his.lan", "ftp://x", "http://x/app", "http://x/?a=1", "http://u@x"] {
+        assert_eq!(
+            check_origin("http://his.hospital.lan:8080").unwrap(),
+            "http://his.hospital.lan:8080"
+        );
+        assert_eq!(
+            check_origin("https://HIS.example.cn/").unwrap(),
+            "https://his.example.cn"
+        );
+        for bad in [
+            "his.lan",
+            "ftp://x",
+            "http://x/app",
+            "http://x/?a=1",
+            "http://u@x",
+        ] {
             assert!(check_origin(bad).is_err(), "{bad}");
         }
     }
@@ -201,17 +219,34 @@ mod tests {
         let done = install(&dir, o).unwrap();
         assert!(done[0].contains("site.json"), "{done:?}");
         assert!(done[1].contains(FILE), "{done:?}");
-        let site: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("site.json")).unwrap()).unwrap();
-        assert_eq!(site["HomepageLocation"], "http://intranet", "the rest is kept");
-        assert_eq!(site["LocalNetworkAccessAllowedForUrls"], serde_json::json!(["http://old:1", o]));
-        let ours: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(FILE)).unwrap()).unwrap();
-        assert_eq!(ours["LoopbackNetworkAllowedForUrls"], serde_json::json!([o]));
-        assert!(ours.get("LocalNetworkAccessAllowedForUrls").is_none(), "no second file sets it");
+        let site: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("site.json")).unwrap()).unwrap();
+        assert_eq!(
+            site["HomepageLocation"], "http://intranet",
+            "the rest is kept"
+        );
+        assert_eq!(
+            site["LocalNetworkAccessAllowedForUrls"],
+            serde_json::json!(["http://old:1", o])
+        );
+        let ours: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(FILE)).unwrap()).unwrap();
+        assert_eq!(
+            ours["LoopbackNetworkAllowedForUrls"],
+            serde_json::json!([o])
+        );
+        assert!(
+            ours.get("LocalNetworkAccessAllowedForUrls").is_none(),
+            "no second file sets it"
+        );
         assert!(in_place(&dir, o).unwrap());
         // Again: nothing doubled.
         let again = install(&dir, o).unwrap();
         assert!(again.iter().all(|l| l.contains("already has")), "{again:?}");
         std::fs::write(dir.join("broken.json"), "[1,").unwrap();
-        assert!(matches!(install(&dir, "http://b:2"), Err(PolicyError::NotObject(_))));
+        assert!(matches!(
+            install(&dir, "http://b:2"),
+            Err(PolicyError::NotObject(_))
+        ));
     }
 }

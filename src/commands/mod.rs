@@ -415,7 +415,10 @@ fn browser_policy_cmd(
         for o in &clean {
             if check {
                 match browser_policy::in_place(&dir, o) {
-                    Ok(true) => println!("{browser}: {o} allowed to reach loopback ({})", dir.display()),
+                    Ok(true) => println!(
+                        "{browser}: {o} allowed to reach loopback ({})",
+                        dir.display()
+                    ),
                     Ok(false) => {
                         all = false;
                         println!("{browser}: {o} NOT allowed (run without --check as root to add it to {})", dir.display());
@@ -443,7 +446,11 @@ fn browser_policy_cmd(
     if !check {
         println!("Restart the browsers, or open chrome://policy and press Reload policies.");
     }
-    Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn sim_cmd(a: SimArgs) -> anyhow::Result<ExitCode> {

@@ -403,8 +403,8 @@ pub fn table(f: &Fleet) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<6} {:>7} {:>6} {:>4}  {}",
-        "TERMINAL", "LAST", "SCAN", "UNSENT", "HELD", "HIS", "NEEDS ATTENTION"
+        "{:<16} {:<8} {:<6} {:>7} {:>6} {:>4}  NEEDS ATTENTION",
+        "TERMINAL", "LAST", "SCAN", "UNSENT", "HELD", "HIS"
     );
     for r in &f.rows {
         let last = r

@@ -69,7 +69,10 @@ async fn long_poll_gets_what_was_missed_in_order_then_waits_for_the_next() {
     assert_eq!(first[0]["seq"], 1);
     assert_eq!(first[1]["seq"], 2);
     assert_eq!(first[0]["event"]["type"], "card");
-    let names: Vec<&str> = first.iter().map(|e| e["event"]["card"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = first
+        .iter()
+        .map(|e| e["event"]["card"]["name"].as_str().unwrap())
+        .collect();
     let want: Vec<String> = ehc_agent::sim::config::default_cards()
         .iter()
         .take(2)
@@ -81,8 +84,13 @@ async fn long_poll_gets_what_was_missed_in_order_then_waits_for_the_next() {
     assert_eq!(v, json!({"events": [], "last": 2}));
     // A poll waiting when the next card is scanned gets it.
     let waiting = {
-        let (url, tok) = (format!("{}/v1/events?after=2&wait=30", base(&d)), d.his_token());
-        tokio::spawn(async move { json_of(http().get(url).bearer_auth(tok).send().await.unwrap()).await })
+        let (url, tok) = (
+            format!("{}/v1/events?after=2&wait=30", base(&d)),
+            d.his_token(),
+        );
+        tokio::spawn(async move {
+            json_of(http().get(url).bearer_auth(tok).send().await.unwrap()).await
+        })
     };
     d.scan(&code(&sim, 2));
     let v = waiting.await.unwrap();
@@ -102,14 +110,26 @@ async fn use_and_bind_over_http_reach_the_platform() {
     d.scan(&code(&sim, 0));
     let ev = events(&d, 0, 1).await.remove(0);
     let scan_id = ev["event"]["scanId"].as_str().unwrap().to_owned();
-    let (s, v) = post_json(&d, "/v1/use", &format!(r#"{{"scanId":"{scan_id}","scene":"010106","ref":7}}"#)).await;
+    let (s, v) = post_json(
+        &d,
+        "/v1/use",
+        &format!(r#"{{"scanId":"{scan_id}","scene":"010106","ref":7}}"#),
+    )
+    .await;
     assert_eq!((s, v["type"].as_str()), (200, Some("reply")), "{v}");
     assert_eq!(v["ref"], 7);
     until_sim(&sim, "the use reported", |st| {
-        st["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
+        st["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
     })
     .await;
-    let (s, v) = post_json(&d, "/v1/bind", &format!(r#"{{"scanId":"{scan_id}","patid":"P-0001"}}"#)).await;
+    let (s, v) = post_json(
+        &d,
+        "/v1/bind",
+        &format!(r#"{{"scanId":"{scan_id}","patid":"P-0001"}}"#),
+    )
+    .await;
     assert_eq!((s, v["type"].as_str()), (200, Some("reply")), "{v}");
     // Bad input is named, and harms nothing.
     let (s, v) = post_json(&d, "/v1/use", "{nope").await;
@@ -117,7 +137,12 @@ async fn use_and_bind_over_http_reach_the_platform() {
     assert!(v["message"].as_str().unwrap().contains("not JSON"), "{v}");
     let (s, v) = post_json(&d, "/v1/use", r#"{"type":"bind","scanId":"x"}"#).await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = post_json(&d, "/v1/use", r#"{"scanId":"S-NOT-A-SCAN","scene":"010106"}"#).await;
+    let (s, v) = post_json(
+        &d,
+        "/v1/use",
+        r#"{"scanId":"S-NOT-A-SCAN","scene":"010106"}"#,
+    )
+    .await;
     assert_eq!((s, v["type"].as_str()), (400, Some("error")), "{v}");
     let big = format!(r#"{{"scanId":"{}"}}"#, "x".repeat(100_000));
     let (s, _) = post_json(&d, "/v1/use", &big).await;
@@ -132,16 +157,61 @@ async fn the_token_and_the_origin_are_required() {
     let d = Daemon::start(&sim).await;
     let url = format!("{}/v1/health", base(&d));
     let status = |r: reqwest::Response| r.status().as_u16();
-    assert_eq!(status(http().get(&url).send().await.unwrap()), 401, "no token");
-    assert_eq!(status(http().get(&url).bearer_auth("wrong-token-0123456789").send().await.unwrap()), 401);
-    assert_eq!(status(http().get(&url).header("x-ehc-token", d.his_token()).send().await.unwrap()), 200);
-    assert_eq!(status(http().get(format!("{url}?token={}", d.his_token())).send().await.unwrap()), 200);
+    assert_eq!(
+        status(http().get(&url).send().await.unwrap()),
+        401,
+        "no token"
+    );
+    assert_eq!(
+        status(
+            http()
+                .get(&url)
+                .bearer_auth("wrong-token-0123456789")
+                .send()
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    assert_eq!(
+        status(
+            http()
+                .get(&url)
+                .header("x-ehc-token", d.his_token())
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    assert_eq!(
+        status(
+            http()
+                .get(format!("{url}?token={}", d.his_token()))
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
     // A page from another origin is refused even with the token.
-    let r = http().get(&url).bearer_auth(d.his_token()).header("origin", "http://evil.example").send().await.unwrap();
+    let r = http()
+        .get(&url)
+        .bearer_auth(d.his_token())
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.headers().get("access-control-allow-origin").is_none());
     // The allowed origin: CORS on the answer.
-    let r = http().get(&url).bearer_auth(d.his_token()).header("origin", ORIGIN).send().await.unwrap();
+    let r = http()
+        .get(&url)
+        .bearer_auth(d.his_token())
+        .header("origin", ORIGIN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["access-control-allow-origin"], ORIGIN);
     // Preflights: answered for the allowed origin only, Local Network Access included.
@@ -150,7 +220,10 @@ async fn the_token_and_the_origin_are_required() {
             .request(reqwest::Method::OPTIONS, format!("{}/v1/use", base(&d)))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization, content-type")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
             .header("access-control-request-private-network", "true")
             .send()
     };
@@ -158,7 +231,10 @@ async fn the_token_and_the_origin_are_required() {
     assert_eq!(r.status().as_u16(), 204);
     assert_eq!(r.headers()["access-control-allow-origin"], ORIGIN);
     assert_eq!(r.headers()["access-control-allow-private-network"], "true");
-    assert!(r.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+    assert!(r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
     let r = pre("http://evil.example").await.unwrap();
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.headers().get("access-control-allow-origin").is_none());
@@ -177,7 +253,10 @@ async fn sse(r: &mut reqwest::Response, n: usize) -> Vec<(u64, Value)> {
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let frame: String = buf.drain(..end + 2).collect();
-            let id = frame.lines().find_map(|l| l.strip_prefix("id:")).map(|v| v.trim().parse().unwrap());
+            let id = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("id:"))
+                .map(|v| v.trim().parse().unwrap());
             let data = frame.lines().find_map(|l| l.strip_prefix("data:"));
             if let (Some(id), Some(data)) = (id, data) {
                 out.push((id, serde_json::from_str(data.trim()).unwrap()));
@@ -192,9 +271,17 @@ async fn server_sent_events_resume_with_last_event_id() {
     let sim = sim().await;
     let mut d = Daemon::start(&sim).await;
     let url = format!("{}/v1/events/stream", base(&d));
-    let mut r = http().get(&url).bearer_auth(d.his_token()).send().await.unwrap();
+    let mut r = http()
+        .get(&url)
+        .bearer_auth(d.his_token())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     d.scan(&code(&sim, 0));
     let got = sse(&mut r, 1).await;
     assert_eq!(got[0].0, 1);
@@ -226,14 +313,20 @@ fn find(names: &[&str]) -> Option<String> {
 }
 
 fn example(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
 }
 
 /// The curl long-poll loop prints the card it was waiting for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_example_long_polls() {
     if find(&["curl"]).is_none() {
-        skip("curl_example_long_polls", "no curl (.ci/run installs it)", true);
+        skip(
+            "curl_example_long_polls",
+            "no curl (.ci/run installs it)",
+            true,
+        );
         return;
     }
     let sim = sim().await;
@@ -264,7 +357,11 @@ async fn curl_example_long_polls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_uses_the_card() {
     let Some(py) = find(&["python3"]) else {
-        skip("python_example_uses_the_card", "no python3 (.ci/run installs it)", true);
+        skip(
+            "python_example_uses_the_card",
+            "no python3 (.ci/run installs it)",
+            true,
+        );
         return;
     };
     let sim = sim().await;
@@ -272,15 +369,34 @@ async fn python_example_uses_the_card() {
     d.scan(&code(&sim, 2));
     let out = tokio::process::Command::new(py)
         .arg(example("his-http-client.py"))
-        .args(["--base", &base(&d), "--scene", "010105", "--once", "--token-file"])
+        .args([
+            "--base",
+            &base(&d),
+            "--scene",
+            "010105",
+            "--once",
+            "--token-file",
+        ])
         .arg(d.path().join("his.token"))
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("\"type\": \"card\"") && text.contains("\"type\": \"reply\""), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("\"type\": \"card\"") && text.contains("\"type\": \"reply\""),
+        "{text}"
+    );
     until_sim(&sim, "the Python client's use", |st| {
-        st["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010105"))
+        st["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010105"))
     })
     .await;
 }
@@ -290,7 +406,11 @@ async fn python_example_uses_the_card() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn java_example_uses_the_card() {
     let (Some(javac), Some(java)) = (find(&["javac"]), find(&["java"])) else {
-        skip("java_example_uses_the_card", "no JDK (javac, java) on this machine", false);
+        skip(
+            "java_example_uses_the_card",
+            "no JDK (javac, java) on this machine",
+            false,
+        );
         return;
     };
     let classes = tempfile::tempdir().unwrap();
@@ -312,12 +432,21 @@ async fn java_example_uses_the_card() {
         .arg(d.path().join("his.token"))
         .args(["010104", "--once"])
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("card S") || text.contains("card "), "{text}");
     until_sim(&sim, "the Java client's use", |st| {
-        st["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
+        st["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
     })
     .await;
 }
@@ -335,11 +464,18 @@ impl Netns {
         let name = format!("ehc-his-{n}");
         let (a, b) = (format!("ehcv{n}a"), format!("ehcv{n}b"));
         let run = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip: {e}"))?;
             if out.status.success() {
                 Ok(())
             } else {
-                Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
             }
         };
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
@@ -352,7 +488,17 @@ impl Netns {
         run(&["link", "set", &b, "netns", &name])?;
         run(&["addr", "add", &format!("10.231.{n}.1/30"), "dev", &a])?;
         run(&["link", "set", &a, "up"])?;
-        run(&["netns", "exec", &name, "ip", "addr", "add", &format!("10.231.{n}.2/30"), "dev", &b])?;
+        run(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("10.231.{n}.2/30"),
+            "dev",
+            &b,
+        ])?;
         run(&["netns", "exec", &name, "ip", "link", "set", &b, "up"])?;
         run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
         Ok(ns)
@@ -362,7 +508,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // The veth pair goes with the namespace.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -371,7 +519,10 @@ struct Group(std::process::Child);
 
 impl Drop for Group {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("--").arg(format!("-{}", self.0.id())).status();
+        let _ = Command::new("kill")
+            .arg("--")
+            .arg(format!("-{}", self.0.id()))
+            .status();
         let _ = self.0.wait();
     }
 }
@@ -408,7 +559,11 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
         Ok(n) => n,
         Err(e) => {
             // Not root, or a sandbox without network namespaces.
-            skip(test, &format!("cannot make a network namespace: {e}"), false);
+            skip(
+                test,
+                &format!("cannot make a network namespace: {e}"),
+                false,
+            );
             return;
         }
     };
@@ -417,7 +572,14 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
         Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .arg(&py)
-            .args(["-m", "http.server", "8080", "--bind", &ns.page_ip, "--directory"])
+            .args([
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                &ns.page_ip,
+                "--directory",
+            ])
             .arg(example(""))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -438,15 +600,36 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
     let ours = std::path::Path::new("/etc/chromium/policies/managed").join("ehc-agent.json");
     let _policy = PolicyFile((!ours.exists()).then(|| ours.clone()));
     let out = Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
-        .args(["browser-policy", "--browser", "chromium", "--origin", &origin])
+        .args([
+            "browser-policy",
+            "--browser",
+            "chromium",
+            "--origin",
+            &origin,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let check = Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
-        .args(["browser-policy", "--browser", "chromium", "--check", "--origin", &origin])
+        .args([
+            "browser-policy",
+            "--browser",
+            "chromium",
+            "--check",
+            "--origin",
+            &origin,
+        ])
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 
     let sim = sim().await;
     let mut d = Daemon::start_with(
@@ -482,30 +665,40 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
     };
     let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Server-Sent Events: the page is open before the card is scanned.
-    let page = open(format!(
-        "{origin}/his-sse-page.html?http=http://{}&token={}&scene=010106",
-        d.http,
-        d.his_token()
-    ), p1.path());
+    let page = open(
+        format!(
+            "{origin}/his-sse-page.html?http=http://{}&token={}&scene=010106",
+            d.http,
+            d.his_token()
+        ),
+        p1.path(),
+    );
     // The stream starts "from now": scan once the page has it open.
     d.wait_log("HIS HTTP event stream opened", 1);
     d.scan(&code(&sim, 0));
     until_sim(&sim, "the page's use over SSE", |s| {
-        s["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
     })
     .await;
     drop(page);
     // The WebSocket page from the same origin.
-    let _ws_page = open(format!(
-        "{origin}/his-page.html?ws=ws://{}&token={}&scene=010104",
-        d.ws,
-        d.his_token()
-    ), p2.path());
+    let _ws_page = open(
+        format!(
+            "{origin}/his-page.html?ws=ws://{}&token={}&scene=010104",
+            d.ws,
+            d.his_token()
+        ),
+        p2.path(),
+    );
     // Held for the first identified client, so one scan is enough.
     d.scan(&code(&sim, 1));
     d.wait_log("HIS client connected (websocket)", 1);
     until_sim(&sim, "the page's use over the WebSocket", |s| {
-        s["reports"].as_array().is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
     })
     .await;
     drop(web);

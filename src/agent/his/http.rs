@@ -127,7 +127,7 @@ fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
             query.and_then(|q| {
                 q.split('&')
                     .find_map(|kv| kv.strip_prefix("token="))
-                    .map(|t| percent_decode(t))
+                    .map(percent_decode)
             })
         })
 }
@@ -262,7 +262,10 @@ fn events_response(v: &[(u64, super::hub::Line)], last: u64) -> Response {
     }
     out.push_str(&format!("],\"last\":{last}}}"));
     (
-        [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         out,
     )
         .into_response()
