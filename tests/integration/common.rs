@@ -229,3 +229,35 @@ pub fn skip(test: &str, reason: &str, needed_in_ci: bool) {
         let _ = writeln!(f, "SKIPPED {test}: {reason}");
     }
 }
+
+/// A program on the PATH, by the first of `names` found.
+pub fn find(names: &[&str]) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|n| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(n))
+            .find(|p| p.is_file())
+            .map(|p| p.display().to_string())
+    })
+}
+
+/// A file of the repository's `examples/`.
+pub fn example(name: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+/// Headless Chromium as this machine's closed network needs it (no
+/// background connections, no sandbox as root, a fresh profile given by the
+/// caller with `--user-data-dir`).
+pub const HEADLESS_CHROMIUM: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];

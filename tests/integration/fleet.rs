@@ -280,16 +280,6 @@ fn agent_cmd() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
 }
 
-fn find(names: &[&str]) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    names.iter().find_map(|n| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(n))
-            .find(|p| p.is_file())
-            .map(|p| p.display().to_string())
-    })
-}
-
 /// Debian's Chromium renders the page (its script fetches `/api/fleet`);
 /// the DOM it ends with has the four problems first with their causes. A
 /// screenshot is left in the target directory (`fleet.png`).
@@ -368,15 +358,8 @@ async fn browser_shows_attention_first(admin: std::net::SocketAddr) {
 /// network.
 fn headless(chromium: &str, profile: &Path, extra: &str, url: &str) -> std::process::Output {
     std::process::Command::new(chromium)
+        .args(HEADLESS_CHROMIUM)
         .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
             "--hide-scrollbars",
             "--window-size=1400,1000",
             // Let the page's fetch of /api/fleet finish before the DOM or

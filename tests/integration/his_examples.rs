@@ -8,20 +8,6 @@ use std::process::{Command, Stdio};
 use crate::common::*;
 use crate::daemon::*;
 
-fn example(name: &str) -> String {
-    format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn find(names: &[&str]) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    names.iter().find_map(|n| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(n))
-            .find(|p| p.is_file())
-            .map(|p| p.display().to_string())
-    })
-}
-
 /// A python3 to run the example with, or the test's visible skip.
 fn python_or_skip(test: &str) -> Option<String> {
     let found = find(&["python3"]);
@@ -236,17 +222,8 @@ async fn browser_example_page() {
     // the platform proves it connected, received the held card and used its
     // scanId.
     let mut browser = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-        ])
+        .args(HEADLESS_CHROMIUM)
+        .args(["--remote-debugging-port=0"])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(url)
         .stdout(Stdio::null())

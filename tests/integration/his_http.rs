@@ -302,16 +302,6 @@ async fn server_sent_events_resume_with_last_event_id() {
     assert_eq!(got.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2, 3]);
 }
 
-fn find(names: &[&str]) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    names.iter().find_map(|n| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(n))
-            .find(|p| p.is_file())
-            .map(|p| p.display().to_string())
-    })
-}
-
 fn example(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples")
@@ -643,17 +633,8 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
     let open = |url: String, profile: &std::path::Path| {
         Group(
             Command::new(&chromium)
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--remote-debugging-port=0",
-                ])
+                .args(HEADLESS_CHROMIUM)
+                .args(["--remote-debugging-port=0"])
                 .arg(format!("--user-data-dir={}", profile.display()))
                 .arg(url)
                 .stdout(Stdio::null())
