@@ -638,6 +638,37 @@ async fn drain(rows: usize, latency_ms: u64, concurrency: usize) {
     println!("drained {rows} rows in {:.2} s: {rate:.1} rows/s; ideal concurrency/RTT = {concurrency}/{} = {ideal:.1} rows/s ({:.0}%)", took.as_secs_f64(), ms(rtt), 100.0 * rate / ideal);
 }
 
+/// The agent in-process in `dir` towards `base` (the simulator's
+/// identity; `platform_extra` added to `[platform]`), and an HIS client on
+/// its Unix socket past the `hello`.
+async fn in_process_agent(
+    dir: &Path,
+    base: &str,
+    platform_extra: &str,
+) -> (
+    ehc_agent::agent::app::App,
+    tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>,
+) {
+    let secret = dir.join("app_secret");
+    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "[platform]\nbase_url = \"{base}\"\napp_id = \"{}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{}\"\n{platform_extra}\n\
+         [terminal]\nid = \"B\"\ndepartment = \"内科\"\ncity_code = \"1\"\ncity_name = \"c\"\nhospital_code = \"h\"\nhospital_name = \"h\"\n\
+         [his]\nlisten_unix = \"his.sock\"\n[outbox]\npath = \"outbox.sqlite\"\n",
+        ehc_agent::sim::config::DEFAULT_APP_ID,
+        ehc_agent::sim::config::DEFAULT_HOSPITAL_ID
+    );
+    let cfg = config::parse(&text, dir, &Env::default()).unwrap();
+    let app = ehc_agent::agent::app::App::start(&cfg).await.unwrap();
+    let stream = tokio::net::UnixStream::connect(app.his_unix.as_ref().unwrap())
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    lines.next_line().await.unwrap(); // hello
+    (app, lines)
+}
+
 async fn scan(n: usize, dir: PathBuf) {
     let tmp = tempfile::tempdir_in(&dir).unwrap();
     let sim = Arc::new(
@@ -645,24 +676,7 @@ async fn scan(n: usize, dir: PathBuf) {
             .await
             .unwrap(),
     );
-    let secret = tmp.path().join("app_secret");
-    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let text = format!(
-        "[platform]\nbase_url = \"{}\"\napp_id = \"{}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{}\"\n\
-         [terminal]\nid = \"B\"\ndepartment = \"内科\"\ncity_code = \"1\"\ncity_name = \"c\"\nhospital_code = \"h\"\nhospital_name = \"h\"\n\
-         [his]\nlisten_unix = \"his.sock\"\n[outbox]\npath = \"outbox.sqlite\"\n",
-        sim.base_url(),
-        ehc_agent::sim::config::DEFAULT_APP_ID,
-        ehc_agent::sim::config::DEFAULT_HOSPITAL_ID
-    );
-    let cfg = config::parse(&text, tmp.path(), &Env::default()).unwrap();
-    let app = ehc_agent::agent::app::App::start(&cfg).await.unwrap();
-    let stream = tokio::net::UnixStream::connect(app.his_unix.as_ref().unwrap())
-        .await
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(stream).lines();
-    lines.next_line().await.unwrap(); // hello
+    let (app, mut lines) = in_process_agent(tmp.path(), &sim.base_url(), "").await;
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     // The platform call alone, for comparison.
     let client = Client::new(client_settings(&sim)).unwrap();

@@ -13,16 +13,14 @@
 //! staggered so they do not coincide; each agent makes one unmeasured scan
 //! first (token, first connection).
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ehc_agent::config::{self, Env};
 use ehc_agent::platform::api::{GetHealthCardByQrCode, QrCodeReq};
 use ehc_agent::platform::{CallOptions, Client};
 use ehc_agent::sim::delay::DelayProxy;
 use ehc_agent::sim::{SimConfig, SimServer};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 use super::{client_settings, ms, percentile};
 
@@ -117,27 +115,13 @@ async fn lane(
     let (sim, proxy) = platform(&tls, rtt).await;
     let (ca, base) = (&tls.ca_cert, format!("https://{}", proxy.addr));
     let tmp = tempfile::tempdir().unwrap();
-    let secret = tmp.path().join("app_secret");
-    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let text = format!(
-        "[platform]\nbase_url = \"{base}\"\napp_id = \"{}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{}\"\n\
-         ca_file = \"{}\"\npreconnect = {}\nkeep_warm_min = {}\n\
-         [terminal]\nid = \"B\"\ndepartment = \"内科\"\ncity_code = \"1\"\ncity_name = \"c\"\nhospital_code = \"h\"\nhospital_name = \"h\"\n\
-         [his]\nlisten_unix = \"his.sock\"\n[outbox]\npath = \"outbox.sqlite\"\n",
-        ehc_agent::sim::config::DEFAULT_APP_ID,
-        ehc_agent::sim::config::DEFAULT_HOSPITAL_ID,
+    let extra = format!(
+        "ca_file = \"{}\"\npreconnect = {}\nkeep_warm_min = {}",
         ca.display(),
         v.preconnect,
-        v.keep_warm_min,
+        v.keep_warm_min
     );
-    let cfg = config::parse(&text, tmp.path(), &Env::default()).unwrap();
-    let app = ehc_agent::agent::app::App::start(&cfg).await.unwrap();
-    let stream = tokio::net::UnixStream::connect(app.his_unix.as_ref().unwrap())
-        .await
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(stream).lines();
-    lines.next_line().await.unwrap(); // hello
+    let (app, mut lines) = super::in_process_agent(tmp.path(), &base, &extra).await;
     let (mut w, r) = tokio::io::duplex(4096);
     let (tx, arrivals) = (app.scans.clone(), app.scanners.arrivals());
     tokio::spawn(ehc_agent::agent::scanner::stdin::run_mapped(

@@ -113,7 +113,7 @@ pub struct Core {
     /// bound, an outbox path change); shown under NEEDS ATTENTION.
     reload_faults: std::sync::Mutex<Vec<String>>,
     /// `[platform] heartbeat_s`, as the last reload left it.
-    heartbeat_s: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) heartbeat_s: std::sync::atomic::AtomicU64,
 }
 
 fn read<T: Clone>(l: &std::sync::RwLock<T>) -> T {
@@ -407,7 +407,7 @@ impl App {
             outbox_path: cfg.outbox_path.clone(),
             started_at: clock::now_unix(),
             reload_faults: std::sync::Mutex::new(Vec::new()),
-            heartbeat_s: Arc::new(std::sync::atomic::AtomicU64::new(cfg.platform.heartbeat_s)),
+            heartbeat_s: std::sync::atomic::AtomicU64::new(cfg.platform.heartbeat_s),
         });
         let server = Server::new(
             hub.clone(),
@@ -477,7 +477,6 @@ impl App {
         tracker.spawn(client.clone().keep_warm(uploader_stop.clone()));
         tracker.spawn(crate::agent::heartbeat::run(
             core.clone(),
-            core.heartbeat_s.clone(),
             uploader_stop.clone(),
         ));
         // The first byte of a scan opens the platform connection if none is
@@ -628,7 +627,6 @@ impl App {
             self.tracker.spawn(client.keep_warm(stop.clone()));
             self.tracker.spawn(crate::agent::heartbeat::run(
                 self.core.clone(),
-                self.core.heartbeat_s.clone(),
                 stop.clone(),
             ));
             self.running.uploader = stop;

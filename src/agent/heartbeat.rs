@@ -9,7 +9,7 @@
 //! gateway's path: it says so once and stops until the next reload or
 //! restart.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +19,9 @@ use crate::agent::app::Core;
 use crate::platform::heartbeat::Beat;
 use crate::platform::CallError;
 
-/// Send heartbeats until `stop`. `interval_s` is read before each beat (a
-/// reload may change it; 0 pauses them).
-pub async fn run(core: Arc<Core>, interval_s: Arc<AtomicU64>, stop: CancellationToken) {
+/// Send heartbeats until `stop`. The interval is read from `core` before
+/// each beat (a reload may change it; 0 pauses them).
+pub async fn run(core: Arc<Core>, stop: CancellationToken) {
     // The first beat soon after start: the fleet page shows a restarted
     // terminal at once.
     let mut wait = Duration::from_secs(1);
@@ -31,7 +31,7 @@ pub async fn run(core: Arc<Core>, interval_s: Arc<AtomicU64>, stop: Cancellation
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        let every = interval_s.load(Ordering::Relaxed);
+        let every = core.heartbeat_s.load(Ordering::Relaxed);
         if every == 0 {
             wait = Duration::from_secs(5);
             continue;

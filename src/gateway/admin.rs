@@ -86,11 +86,7 @@ fn may_look(
     token: Option<&str>,
     given: Option<&str>,
 ) -> bool {
-    let ip = match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
-    if ip.is_loopback() {
+    if ip.to_canonical().is_loopback() {
         return true;
     }
     let Some(token) = token else {
@@ -98,12 +94,7 @@ fn may_look(
     };
     !allow.is_empty()
         && super::server::allowed(ip, allow)
-        && given.is_some_and(|g| same(g.as_bytes(), token.as_bytes()))
-}
-
-/// Constant-time comparison (the token is a password).
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        && given.is_some_and(|g| crate::platform::sign::same_bytes(g.as_bytes(), token.as_bytes()))
 }
 
 async fn page() -> Response {

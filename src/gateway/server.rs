@@ -313,10 +313,7 @@ async fn handle(
 /// `10.1.0.0/16`, `fd00::/8`, or a bare address); an empty list allows any.
 pub fn allowed(peer: std::net::IpAddr, allow: &[String]) -> bool {
     use std::net::IpAddr;
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
-        v4 => v4,
-    };
+    let peer = peer.to_canonical();
     allow.is_empty()
         || allow.iter().any(|net| {
             let (addr, len) = net.split_once('/').unwrap_or((net, ""));

@@ -260,8 +260,10 @@ pub struct Client {
 
 struct Inner {
     http: reqwest::Client,
-    /// For heartbeats (see [`Client::heartbeat`]).
-    side: reqwest::Client,
+    /// For heartbeats (see [`Client::heartbeat`]): made at the first one,
+    /// so clients that never beat (the gateway's, `outbox flush`) and every
+    /// start and reload do not build a second TLS client.
+    side: std::sync::OnceLock<reqwest::Client>,
     /// `base_url` and its fallbacks, without trailing slashes.
     bases: Vec<String>,
     /// The base that answered last: calls start there.
@@ -309,9 +311,6 @@ pub fn is_request_id(s: &str) -> bool {
 impl Client {
     pub fn new(settings: ClientSettings) -> Result<Self, BuildError> {
         let http = http_client(&settings)?;
-        // Heartbeats go on connections of their own: one in flight never
-        // holds the connection a scan is about to use.
-        let side = http_client(&settings)?;
         let identity = Identity {
             base_url: settings.base_url.clone(),
             app_id: settings.app_id.clone(),
@@ -330,7 +329,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
-                side,
+                side: std::sync::OnceLock::new(),
                 bases: std::iter::once(&settings.base_url)
                     .chain(&settings.fallback_urls)
                     .map(|b| b.trim_end_matches('/').to_owned())
@@ -426,14 +425,20 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let token = self.valid_token(deadline, timeout).await?;
         let body = self.envelope_map(beat.to_req(), &new_request_id(), &token.value);
-        let bases = &self.inner.bases;
-        let base = &bases[self.inner.sticky.load(Ordering::Relaxed) % bases.len()];
-        let url = format!("{base}{}", super::heartbeat::PATH);
+        let url = format!("{}{}", self.current_base(), super::heartbeat::PATH);
+        // Heartbeats go on connections of their own: one in flight never
+        // holds the connection a scan is about to use.
+        let side = match self.inner.side.get() {
+            Some(c) => c,
+            None => {
+                let c = http_client(&self.inner.settings)
+                    .map_err(|e| CallError::Unreachable(e.to_string()))?;
+                self.inner.side.get_or_init(|| c)
+            }
+        };
         let sent = tokio::time::timeout(
             left(deadline, timeout)?,
-            self.inner
-                .side
-                .post(&url)
+            side.post(&url)
                 .header("content-type", "application/json; charset=utf-8")
                 .body(body)
                 .send(),
@@ -464,6 +469,12 @@ impl Client {
         }
     }
 
+    /// The base that answered last (calls start there).
+    fn current_base(&self) -> &str {
+        let bases = &self.inner.bases;
+        &bases[self.inner.sticky.load(Ordering::Relaxed) % bases.len()]
+    }
+
     /// Before an API call: note it (keep-warm runs for a while after the
     /// last one), and let a scan wait for a warm-up in flight so it rides
     /// that connection.
@@ -491,9 +502,7 @@ impl Client {
     /// answered last): it opens a connection, or keeps one open, and puts
     /// it back in the pool. The caller holds the warm-up claim.
     async fn warm_up(&self) {
-        let bases = &self.inner.bases;
-        let base = &bases[self.inner.sticky.load(Ordering::Relaxed) % bases.len()];
-        let url = format!("{base}/");
+        let url = format!("{}/", self.current_base());
         let sent = tokio::time::timeout(
             self.inner.settings.scan_timeout,
             self.inner.http.head(&url).send(),

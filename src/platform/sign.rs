@@ -78,11 +78,13 @@ pub fn verify(
     given: &str,
 ) -> bool {
     let expected = sign(common_in, req, secret);
-    let (a, b) = (expected.as_bytes(), given.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    same_bytes(expected.as_bytes(), given.as_bytes())
+}
+
+/// Equal, in a time that does not depend on where they differ (for
+/// signatures and tokens).
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// One value as the signer writes it, or `None` when it does not take part.

@@ -425,6 +425,17 @@ impl HisClient {
     }
 }
 
+/// Wait (bounded) until the simulator has a report with `scene` (an HIS
+/// client's `use` reached the platform).
+pub async fn until_reported(sim: &SimServer, what: &str, scene: &str) -> Value {
+    until_sim(sim, what, |s| {
+        s["reports"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["scene"] == scene))
+    })
+    .await
+}
+
 /// Wait (bounded) until `cond` holds on the simulator's state, waking on
 /// each platform answer.
 pub async fn until_sim(sim: &SimServer, what: &str, cond: impl Fn(&Value) -> bool) -> Value {

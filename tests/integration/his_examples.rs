@@ -58,12 +58,7 @@ async fn python_example_client() {
         "{stdout}"
     );
     assert!(stdout.contains("\"type\": \"reply\""), "{stdout}");
-    until_sim(&sim, "the python client's use", |s| {
-        s["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
-    })
-    .await;
+    until_reported(&sim, "the python client's use", "010104").await;
 }
 
 /// The Python client over loopback TCP authenticates with the token file.
@@ -111,12 +106,7 @@ async fn python_example_client_reconnects() {
         .spawn()
         .unwrap();
     d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
-    until_sim(&sim, "the first card's use", |s| {
-        s["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
-    })
-    .await;
+    until_reported(&sim, "the first card's use", "010104").await;
     let dir = d.stop().2;
     let mut d = Daemon::start_in(dir, &sim, crate::daemon::Options::default()).await;
     d.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
@@ -147,12 +137,7 @@ async fn shell_example_client() {
         .spawn()
         .unwrap();
     d.scan(&sim.with_state(|s| s.static_code(1)).unwrap());
-    until_sim(&sim, "the shell client's use", |s| {
-        s["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010103"))
-    })
-    .await;
+    until_reported(&sim, "the shell client's use", "010103").await;
     // The script runs until killed, as an HIS helper would.
     Command::new("kill")
         .arg("--")
@@ -231,12 +216,7 @@ async fn browser_example_page() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let st = until_sim(&sim, "the page's use", |s| {
-        s["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
-    })
-    .await;
+    let st = until_reported(&sim, "the page's use", "010106").await;
     Command::new("kill")
         .arg("--")
         .arg(format!("-{}", browser.id()))

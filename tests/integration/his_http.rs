@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::common::*;
-use crate::daemon::{until_sim, Daemon, Options};
+use crate::daemon::{until_reported, Daemon, Options};
 
 const ORIGIN: &str = "https://his.example-hospital.cn";
 
@@ -118,12 +118,7 @@ async fn use_and_bind_over_http_reach_the_platform() {
     .await;
     assert_eq!((s, v["type"].as_str()), (200, Some("reply")), "{v}");
     assert_eq!(v["ref"], 7);
-    until_sim(&sim, "the use reported", |st| {
-        st["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
-    })
-    .await;
+    until_reported(&sim, "the use reported", "010106").await;
     let (s, v) = post_json(
         &d,
         "/v1/bind",
@@ -308,6 +303,22 @@ fn example(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// Run an example client to its end (a minute at most); it must succeed.
+/// Its standard output.
+async fn ran(mut cmd: tokio::process::Command) -> String {
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the example ends within a minute")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// The curl long-poll loop prints the card it was waiting for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_example_long_polls() {
@@ -357,8 +368,8 @@ async fn python_example_uses_the_card() {
     let sim = sim().await;
     let mut d = Daemon::start(&sim).await;
     d.scan(&code(&sim, 2));
-    let out = tokio::process::Command::new(py)
-        .arg(example("his-http-client.py"))
+    let mut cmd = tokio::process::Command::new(py);
+    cmd.arg(example("his-http-client.py"))
         .args([
             "--base",
             &base(&d),
@@ -367,28 +378,13 @@ async fn python_example_uses_the_card() {
             "--once",
             "--token-file",
         ])
-        .arg(d.path().join("his.token"))
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(d.path().join("his.token"));
+    let text = ran(cmd).await;
     assert!(
         text.contains("\"type\": \"card\"") && text.contains("\"type\": \"reply\""),
         "{text}"
     );
-    until_sim(&sim, "the Python client's use", |st| {
-        st["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010105"))
-    })
-    .await;
+    until_reported(&sim, "the Python client's use", "010105").await;
 }
 
 /// The Java example, compiled and run where a JDK is present (most HIS back
@@ -414,31 +410,16 @@ async fn java_example_uses_the_card() {
     let sim = sim().await;
     let mut d = Daemon::start(&sim).await;
     d.scan(&code(&sim, 1));
-    let out = tokio::process::Command::new(java)
-        .arg("-cp")
+    let mut cmd = tokio::process::Command::new(java);
+    cmd.arg("-cp")
         .arg(classes.path())
         .arg("HisHttpClient")
         .arg(base(&d))
         .arg(d.path().join("his.token"))
-        .args(["010104", "--once"])
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["010104", "--once"]);
+    let text = ran(cmd).await;
     assert!(text.contains("card S") || text.contains("card "), "{text}");
-    until_sim(&sim, "the Java client's use", |st| {
-        st["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
-    })
-    .await;
+    until_reported(&sim, "the Java client's use", "010104").await;
 }
 
 /// A network namespace with a veth pair: the HIS web server's side at
@@ -657,12 +638,7 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
     // The stream starts "from now": scan once the page has it open.
     d.wait_log("HIS HTTP event stream opened", 1);
     d.scan(&code(&sim, 0));
-    until_sim(&sim, "the page's use over SSE", |s| {
-        s["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010106"))
-    })
-    .await;
+    until_reported(&sim, "the page's use over SSE", "010106").await;
     drop(page);
     // The WebSocket page from the same origin.
     let _ws_page = open(
@@ -676,11 +652,6 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
     // Held for the first identified client, so one scan is enough.
     d.scan(&code(&sim, 1));
     d.wait_log("HIS client connected (websocket)", 1);
-    until_sim(&sim, "the page's use over the WebSocket", |s| {
-        s["reports"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r["scene"] == "010104"))
-    })
-    .await;
+    until_reported(&sim, "the page's use over the WebSocket", "010104").await;
     drop(web);
 }
