@@ -67,15 +67,12 @@ fn permitted(gw: &Gateway, peer: SocketAddr, req: &Request) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let query = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    let query = crate::agent::his::http::query_token(req.uri());
     may_look(
         peer.ip(),
         &gw.cfg.admin_allow,
         gw.cfg.admin_token.as_deref(),
-        bearer.or(query),
+        bearer.or(query.as_deref()),
     )
 }
 

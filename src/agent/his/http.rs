@@ -117,45 +117,20 @@ fn error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+fn presented_token(headers: &HeaderMap, uri: &axum::http::Uri) -> Option<String> {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     h(header::AUTHORIZATION.as_str())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| h("x-ehc-token"))
         .map(str::to_owned)
-        .or_else(|| {
-            query.and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("token="))
-                    .map(percent_decode)
-            })
-        })
+        .or_else(|| query_token(uri))
 }
 
-/// `%XX` and `+` in a query value (tokens are hex, but a client may encode).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `?token=` (decoded), for clients that cannot set headers.
+pub(crate) fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+        .ok()
+        .and_then(|Query(mut q)| q.remove("token"))
 }
 
 /// CORS headers for an allowed origin.
@@ -211,7 +186,7 @@ async fn guard<H: Handler>(State(ctx): State<Ctx<H>>, req: Request, next: Next) 
         }
         return r;
     }
-    let ok = match (&a.token, presented_token(req.headers(), req.uri().query())) {
+    let ok = match (&a.token, presented_token(req.headers(), req.uri())) {
         (Some(t), Some(p)) => t.matches(&p),
         _ => false,
     };
@@ -451,13 +426,17 @@ mod tests {
     #[test]
     fn tokens_from_headers_or_the_query() {
         let mut h = HeaderMap::new();
+        let uri = |s: &str| s.parse::<axum::http::Uri>().unwrap();
         assert_eq!(
-            presented_token(&h, Some("after=3&token=ab%2Bc")),
+            presented_token(&h, &uri("/v1/events?after=3&token=ab%2Bc")),
             Some("ab+c".into())
         );
         h.insert("x-ehc-token", HeaderValue::from_static("x1"));
-        assert_eq!(presented_token(&h, None), Some("x1".into()));
+        assert_eq!(presented_token(&h, &uri("/v1/health")), Some("x1".into()));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b2"));
-        assert_eq!(presented_token(&h, Some("token=q")), Some("b2".into()));
+        assert_eq!(
+            presented_token(&h, &uri("/v1/health?token=q")),
+            Some("b2".into())
+        );
     }
 }
