@@ -236,7 +236,7 @@ async fn fifty_terminals_one_page_attention_first() {
     );
 
     // The same in the terminal: a table, attention first, exit 1.
-    let out = agent_cmd()
+    let out = crate::common::agent()
         .args(["gateway", "fleet", "--config"])
         .arg(&cfg_path)
         .output()
@@ -274,10 +274,6 @@ async fn fifty_terminals_one_page_attention_first() {
 
     browser_shows_attention_first(admin).await;
     agent.shutdown().await;
-}
-
-fn agent_cmd() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
 }
 
 /// Debian's Chromium renders the page (its script fetches `/api/fleet`);

@@ -570,7 +570,7 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
     // The policy, as IT would put it in place.
     let ours = std::path::Path::new("/etc/chromium/policies/managed").join("ehc-agent.json");
     let _policy = PolicyFile((!ours.exists()).then(|| ours.clone()));
-    let out = Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
+    let out = agent()
         .args([
             "browser-policy",
             "--browser",
@@ -585,7 +585,7 @@ async fn browser_page_from_an_intranet_origin_gets_cards_over_sse_and_websocket(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let check = Command::new(env!("CARGO_BIN_EXE_ehc-agent"))
+    let check = agent()
         .args([
             "browser-policy",
             "--browser",
