@@ -494,22 +494,33 @@ impl Client {
         }
         if self.inner.warmth.begin() {
             let this = self.clone();
-            tokio::spawn(async move { this.warm_up().await });
+            tokio::spawn(async move { this.warm_up(true).await });
         }
     }
 
     /// One request that is not an API call (`HEAD` on the base that
-    /// answered last): it opens a connection, or keeps one open, and puts
-    /// it back in the pool. The caller holds the warm-up claim.
-    async fn warm_up(&self) {
+    /// answered last). A keep-warm touch (`open_only` false) goes out on
+    /// the pooled connection, or opens one, and so keeps it open. A
+    /// pre-connect (`open_only`) only opens a connection when none is
+    /// idle, and the request is not sent: the connection is kept for the
+    /// scan ([`super::preconnect`]), which would otherwise wait a round
+    /// trip for the `HEAD`'s answer. The caller holds the warm-up claim.
+    async fn warm_up(&self, open_only: bool) {
         let url = format!("{}/", self.current_base());
-        let sent = tokio::time::timeout(
-            self.inner.settings.scan_timeout,
-            self.inner.http.head(&url).send(),
-        )
+        let head = self.inner.http.head(&url).send();
+        let sent = tokio::time::timeout(self.inner.settings.scan_timeout, async {
+            if open_only {
+                super::preconnect::opening(head).await
+            } else {
+                head.await
+            }
+        })
         .await;
         match sent {
             Ok(Ok(_)) => self.inner.warmth.answered(),
+            Ok(Err(e)) if super::preconnect::is_kept(&e) => {
+                tracing::debug!("connection opened ahead of the scan")
+            }
             Ok(Err(e)) => tracing::debug!(error = %transport_error(&e), "warm-up failed"),
             Err(_) => tracing::debug!("warm-up timed out"),
         }
@@ -531,7 +542,7 @@ impl Client {
                 _ = tokio::time::sleep_until(due.into()) => {}
             }
             if w.should_touch(std::time::Instant::now()) && w.begin() {
-                self.warm_up().await;
+                self.warm_up(false).await;
             } else if !w.is_warm(std::time::Instant::now()) {
                 // Nothing to keep (no recent call): look again later.
                 tokio::select! {
@@ -1056,7 +1067,10 @@ fn http_client(settings: &ClientSettings) -> Result<reqwest::Client, BuildError>
         .pool_idle_timeout(settings.warm + Duration::from_secs(5))
         // Keepalive probes keep NAT and firewall state of an idle
         // connection without an HTTP request the platform would see.
-        .tcp_keepalive(Duration::from_secs(15));
+        .tcp_keepalive(Duration::from_secs(15))
+        // A connection opened on a scan's first byte is held for the scan,
+        // not spent on a request of its own (see `preconnect`).
+        .connector_layer(super::preconnect::Layer::new(settings.warm));
     match &settings.proxy {
         Some(p) => {
             let proxy =

@@ -11,11 +11,11 @@
 //!   not an API call (`HEAD` on the base URL, which the platform counts
 //!   nowhere) every `warm`, for `keep_warm` after the last API call;
 //! * the pre-connect: the first byte of a scan arriving from a scanner
-//!   starts the same request when nothing is warm, so the connection is
-//!   being made while the rest of the code arrives (70 characters take
-//!   70–350 ms from a serial or keyboard-wedge scanner). A scan that is
-//!   complete before the warm-up is waits for it and rides its connection,
-//!   rather than opening a second one.
+//!   opens a connection when nothing is warm, so it is being made while the
+//!   rest of the code arrives (70 characters take 70–350 ms from a serial
+//!   or keyboard-wedge scanner). No request goes on it: it is kept for the
+//!   scan ([`super::preconnect`]). A scan that is complete before the
+//!   connection is waits for it and rides it, rather than opening a second.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -38,6 +38,10 @@ pub(crate) struct Shared {
     /// Bumped after every platform answer, so a watcher (the demo, tests)
     /// can wait for "something was received" instead of polling.
     answered: watch::Sender<u64>,
+    /// Requests for no API or control path (a client's `HEAD /` keeping
+    /// its connection warm lands here), so tests can tell a connection
+    /// opened by a request from one opened bare.
+    unrouted: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -97,6 +101,7 @@ impl SimServer {
             state: Mutex::new(SimState::new(cfg)),
             faults_changed: tx,
             answered: watch::channel(0).0,
+            unrouted: Default::default(),
         });
         let initial = shared.lock().faults.clone();
         shared.set_faults(initial).map_err(std::io::Error::other)?;
@@ -155,6 +160,13 @@ impl SimServer {
                 c.resumed.load(std::sync::atomic::Ordering::Relaxed),
             )
         })
+    }
+
+    /// Requests so far for a path that is no API (a warm-up's `HEAD /`).
+    pub fn unrouted(&self) -> u64 {
+        self.shared
+            .unrouted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS): what the agent's
@@ -231,7 +243,9 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
         .route("/_sim/clock", post(ctl_clock))
         .route("/_sim/revoke", post(ctl_revoke))
         .route("/_sim/reset", post(ctl_reset))
-        .fallback(|| async {
+        .fallback(|st: State<Arc<Shared>>| async move {
+            st.unrouted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (
                 StatusCode::NOT_FOUND,
                 "no such path on the platform simulator\n",

@@ -121,7 +121,8 @@ fn minted(sim: &SimServer) -> String {
 /// The first byte of a code opens the connection (the server had closed the
 /// last one), and the scan goes on that connection, not a second one, even
 /// though the rest of the code arrives while the handshakes are still under
-/// way (200 ms RTT); the new TLS session is a resumed one.
+/// way (200 ms RTT); no request is sent on it before the scan's (the scan
+/// would wait a round trip behind it); the new TLS session is a resumed one.
 #[tokio::test]
 async fn the_first_byte_opens_the_connection_the_scan_rides() {
     let d = tempfile::tempdir().unwrap();
@@ -149,6 +150,7 @@ async fn the_first_byte_opens_the_connection_the_scan_rides() {
     })
     .await;
     let before = proxy.connections();
+    let stray = sim.unrouted();
     let code = minted(&sim);
     let (first, rest) = code.split_at(1);
     a.keys.write_all(first.as_bytes()).await.unwrap();
@@ -165,6 +167,11 @@ async fn the_first_byte_opens_the_connection_the_scan_rides() {
         proxy.connections(),
         before + 1,
         "the scan rode the connection its first byte opened"
+    );
+    assert_eq!(
+        sim.unrouted(),
+        stray,
+        "the connection was opened bare: no warm-up request went on it for the scan to wait behind"
     );
     let (_, resumed) = sim.handshakes().unwrap();
     assert!(
@@ -194,6 +201,10 @@ async fn keep_warm_holds_a_connection_through_an_idle_gap() {
     assert!(
         proxy.open() >= 1,
         "a connection is still open after 5 s idle against a 2 s keep-alive"
+    );
+    assert!(
+        sim.unrouted() >= 1,
+        "it was kept open by requests (a bare connection would be closed)"
     );
     a.scan(&minted(&sim)).await;
     a.app.shutdown().await;
