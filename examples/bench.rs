@@ -114,8 +114,14 @@ enum What {
         #[arg(long, default_value_t = 1000)]
         char_us: u64,
         /// none (no pre-connect, no keep-warm), preconnect (first byte
-        /// only), warm (both: the default configuration).
-        #[arg(long, value_delimiter = ',', default_value = "none,preconnect,warm")]
+        /// only), warm (both: the default configuration), gateway (the
+        /// default configuration towards a gateway on loopback, the RTT
+        /// between gateway and simulator).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "none,preconnect,warm,gateway"
+        )]
         variants: Vec<String>,
     },
 }
@@ -644,19 +650,24 @@ async fn drain(rows: usize, latency_ms: u64, concurrency: usize) {
 async fn in_process_agent(
     dir: &Path,
     base: &str,
+    account: Option<(&str, &str)>,
     platform_extra: &str,
 ) -> (
     ehc_agent::agent::app::App,
     tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>,
 ) {
+    // The simulator's account, or a terminal's at a gateway.
+    let (app_id, app_secret) = account.unwrap_or((
+        ehc_agent::sim::config::DEFAULT_APP_ID,
+        ehc_agent::sim::config::DEFAULT_APP_SECRET,
+    ));
     let secret = dir.join("app_secret");
-    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
+    std::fs::write(&secret, app_secret).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let text = format!(
-        "[platform]\nbase_url = \"{base}\"\napp_id = \"{}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{}\"\n{platform_extra}\n\
+        "[platform]\nbase_url = \"{base}\"\napp_id = \"{app_id}\"\napp_secret_file = \"app_secret\"\nhospital_id = \"{}\"\n{platform_extra}\n\
          [terminal]\nid = \"B\"\ndepartment = \"内科\"\ncity_code = \"1\"\ncity_name = \"c\"\nhospital_code = \"h\"\nhospital_name = \"h\"\n\
          [his]\nlisten_unix = \"his.sock\"\n[outbox]\npath = \"outbox.sqlite\"\n",
-        ehc_agent::sim::config::DEFAULT_APP_ID,
         ehc_agent::sim::config::DEFAULT_HOSPITAL_ID
     );
     let cfg = config::parse(&text, dir, &Env::default()).unwrap();
@@ -676,7 +687,7 @@ async fn scan(n: usize, dir: PathBuf) {
             .await
             .unwrap(),
     );
-    let (app, mut lines) = in_process_agent(tmp.path(), &sim.base_url(), "").await;
+    let (app, mut lines) = in_process_agent(tmp.path(), &sim.base_url(), None, "").await;
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     // The platform call alone, for comparison.
     let client = Client::new(client_settings(&sim)).unwrap();

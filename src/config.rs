@@ -101,8 +101,10 @@ fn yes() -> bool {
 fn default_warm_s() -> u64 {
     25
 }
+/// Four hours: a counter's lunch break (two hours, often more) stays
+/// warm; nights and weekends go quiet.
 fn default_keep_warm_min() -> u64 {
-    120
+    240
 }
 
 fn default_timeout_ms() -> u64 {

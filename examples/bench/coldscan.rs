@@ -11,7 +11,8 @@
 //!
 //! Every (variant, RTT, gap) runs on `lanes` agents at once, their scans
 //! staggered so they do not coincide; each agent makes one unmeasured scan
-//! first (token, first connection).
+//! first (token, first connection). Each agent runs on a thread and runtime
+//! of its own, and so does each proxy.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,29 +25,77 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{client_settings, ms, percentile};
 
+/// Warm calls measured after a pause, and the pause (below the pool's
+/// idle timeout and the simulator's keep-alive: the connection stays open).
+const IDLE_CALLS: usize = 10;
+const IDLE: Duration = Duration::from_secs(5);
+
 struct Variant {
     name: &'static str,
     preconnect: bool,
     keep_warm_min: u64,
+    /// Through a gateway (its own defaults towards the platform).
+    gateway: bool,
 }
 
-const VARIANTS: [Variant; 3] = [
+const VARIANTS: [Variant; 4] = [
     Variant {
         name: "none",
         preconnect: false,
         keep_warm_min: 0,
+        gateway: false,
     },
     Variant {
         name: "preconnect",
         preconnect: true,
         keep_warm_min: 0,
+        gateway: false,
     },
     Variant {
         name: "warm",
         preconnect: true,
-        keep_warm_min: 120,
+        keep_warm_min: 240,
+        gateway: false,
+    },
+    Variant {
+        name: "gateway",
+        preconnect: true,
+        keep_warm_min: 240,
+        gateway: true,
     },
 ];
+
+/// A gateway in `dir` towards the platform at `upstream` (over TLS,
+/// trusting `ca`), with its default warm-keeping; returns it and one
+/// terminal enrolled there (appId, secret).
+async fn gateway(
+    dir: &std::path::Path,
+    upstream: &str,
+    ca: &std::path::Path,
+) -> (ehc_agent::gateway::RunningGateway, (String, String)) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let secret = dir.join("upstream_secret");
+    std::fs::write(&secret, ehc_agent::sim::config::DEFAULT_APP_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[upstream]\nbase_url = \"{upstream}\"\n\
+         app_id = \"{}\"\nhospital_id = \"{}\"\napp_secret_file = \"upstream_secret\"\nca_file = \"{}\"\n",
+        ehc_agent::sim::config::DEFAULT_APP_ID,
+        ehc_agent::sim::config::DEFAULT_HOSPITAL_ID,
+        ca.display()
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = ehc_agent::gateway::config::load(Some(&path), &Default::default()).unwrap();
+    let gw = ehc_agent::gateway::RunningGateway::start(cfg)
+        .await
+        .unwrap();
+    let t = gw
+        .store
+        .add_terminal("bench", ehc_agent::clock::now_unix())
+        .unwrap();
+    (gw, (t.app_id, t.secret))
+}
 
 fn mint(sim: &SimServer) -> String {
     sim.with_state(|s| s.mint(0, Some(7200), ehc_agent::clock::now_unix()))
@@ -82,6 +131,39 @@ async fn until_card(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net
     }
 }
 
+/// The round trip the proxy actually delivers (its timers round up to the
+/// millisecond): 100 bytes there and back over one connection to an echo
+/// server, 100 times.
+async fn ping_pong(rtt: Duration) -> Vec<Duration> {
+    use tokio::io::AsyncReadExt as _;
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = echo.accept().await.unwrap();
+        let mut buf = [0u8; 100];
+        while s.read_exact(&mut buf).await.is_ok() {
+            if s.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    let p = DelayProxy::start("127.0.0.1:0".parse().unwrap(), at, rtt)
+        .await
+        .unwrap();
+    let mut c = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 100];
+    for _ in 0..100 {
+        let t = Instant::now();
+        c.write_all(&[7u8; 100]).await.unwrap();
+        c.read_exact(&mut buf).await.unwrap();
+        out.push(t.elapsed());
+    }
+    out.sort();
+    out
+}
+
 /// A TLS simulator of its own (agents sharing an appId would revoke each
 /// other's tokens: the gateway's reason to be) behind a proxy adding `rtt`.
 async fn platform(
@@ -113,15 +195,35 @@ async fn lane(
     char_us: u64,
 ) -> (Vec<(Duration, Duration)>, (u64, u64)) {
     let (sim, proxy) = platform(&tls, rtt).await;
-    let (ca, base) = (&tls.ca_cert, format!("https://{}", proxy.addr));
+    let (ca, upstream) = (&tls.ca_cert, format!("https://{}", proxy.addr));
     let tmp = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "ca_file = \"{}\"\npreconnect = {}\nkeep_warm_min = {}",
-        ca.display(),
-        v.preconnect,
-        v.keep_warm_min
+    let settings = format!(
+        "preconnect = {}\nkeep_warm_min = {}",
+        v.preconnect, v.keep_warm_min
     );
-    let (app, mut lines) = super::in_process_agent(tmp.path(), &base, &extra).await;
+    let gw = if v.gateway {
+        Some(gateway(tmp.path(), &upstream, ca).await)
+    } else {
+        None
+    };
+    let (app, mut lines) = match &gw {
+        // The terminal talks to the gateway on loopback (a hospital LAN's
+        // fraction of a millisecond is not simulated), the gateway to the
+        // platform through the proxy.
+        Some((gw, (id, secret))) => {
+            super::in_process_agent(
+                tmp.path(),
+                &gw.base_url(),
+                Some((id.as_str(), secret.as_str())),
+                &settings,
+            )
+            .await
+        }
+        None => {
+            let extra = format!("ca_file = \"{}\"\n{settings}", ca.display());
+            super::in_process_agent(tmp.path(), &upstream, None, &extra).await
+        }
+    };
     let (mut w, r) = tokio::io::duplex(4096);
     let (tx, arrivals) = (app.scans.clone(), app.scanners.arrivals());
     tokio::spawn(ehc_agent::agent::scanner::stdin::run_mapped(
@@ -146,6 +248,9 @@ async fn lane(
     }
     drop(w);
     app.shutdown().await;
+    if let Some((gw, _)) = gw {
+        gw.stop().await;
+    }
     let hs = sim.handshakes().unwrap_or_default();
     sim.stop().await;
     (out, hs)
@@ -168,6 +273,7 @@ pub async fn run(
     let mut floors = Vec::new();
     let mut code_len = 0;
     for &rtt in &rtts {
+        let measured = ping_pong(Duration::from_millis(rtt)).await;
         let (sim, p) = platform(&files, Duration::from_millis(rtt)).await;
         code_len = mint(&sim).len();
         let mut s = client_settings(&sim);
@@ -178,7 +284,7 @@ pub async fn run(
         let req = QrCodeReq {
             qr_code_text: sim.with_state(|s| s.static_code(0)).unwrap(),
         };
-        for i in 0..21 {
+        for i in 0..101 {
             let t = Instant::now();
             c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
                 .await
@@ -188,7 +294,34 @@ pub async fn run(
             }
         }
         v.sort();
-        floors.push((rtt, percentile(&v, 0.5)));
+        // The same warm call after `IDLE` of quiet on a connection still
+        // open: what idleness costs a request on this machine by itself
+        // (timers, sleeping cores), with no cold connection involved.
+        let mut after_idle = Vec::new();
+        for _ in 0..IDLE_CALLS {
+            tokio::time::sleep(IDLE).await;
+            let t = Instant::now();
+            c.call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
+                .await
+                .unwrap();
+            after_idle.push(t.elapsed());
+        }
+        after_idle.sort();
+        floors.push((rtt, percentile(&v, 0.5), percentile(&v, 0.99)));
+        println!(
+            "RTT {rtt} ms as the proxy delivers it (100-byte ping-pong, {} rounds): p50 {} p99 {}",
+            measured.len(),
+            ms(percentile(&measured, 0.5)),
+            ms(percentile(&measured, 0.99))
+        );
+        println!(
+            "warm call at {rtt} ms RTT: back to back p50 {} p99 {}; after {} s idle ({IDLE_CALLS} calls) p50 {} max {}",
+            ms(percentile(&v, 0.5)),
+            ms(percentile(&v, 0.99)),
+            IDLE.as_secs(),
+            ms(percentile(&after_idle, 0.5)),
+            ms(*after_idle.last().unwrap())
+        );
         sim.stop().await;
     }
     let chosen: Vec<&Variant> = VARIANTS
@@ -220,8 +353,16 @@ pub async fn run(
                     let spread = Duration::from_secs(gap.max(2));
                     let offset = spread * k as u32 / lanes as u32
                         + Duration::from_millis(37 * jobs.len() as u64 % 1000);
-                    jobs.push(tokio::spawn(async move {
-                        let got = lane(
+                    // Each agent (with its simulator) on a thread and
+                    // runtime of its own, as on its own PC: the kernel
+                    // preempts, where tasks on one shared runtime would
+                    // queue behind each other's work.
+                    jobs.push(tokio::task::spawn_blocking(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        let got = rt.block_on(lane(
                             files,
                             Duration::from_millis(rtt),
                             v,
@@ -229,8 +370,7 @@ pub async fn run(
                             per_lane,
                             offset,
                             char_us,
-                        )
-                        .await;
+                        ));
                         (v.name, rtt, gap, got)
                     }));
                 }
@@ -251,10 +391,10 @@ pub async fn run(
         full += f;
         resumed += r;
     }
-    println!("| variant | RTT | warm call (p50) | idle gap | scans | p50 | p99 | p99 − RTT | p99 − warm call |");
+    println!("| variant | RTT | warm call p50 / p99 | idle gap | scans | p50 | p99 | p99 − RTT | p99 − warm call p50 |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for v in &chosen {
-        for (rtt, floor) in &floors {
+        for (rtt, floor, floor99) in &floors {
             for &gap in &gaps {
                 let mut d = results.remove(&(v.name, *rtt, gap)).unwrap_or_default();
                 d.sort();
@@ -263,9 +403,10 @@ pub async fn run(
                 }
                 let p99 = percentile(&d, 0.99);
                 println!(
-                    "| {} | {rtt} ms | {} | {gap} s | {} | {} | {} | {:+.1} ms | {:+.1} ms |",
+                    "| {} | {rtt} ms | {} / {} | {gap} s | {} | {} | {} | {:+.1} ms | {:+.1} ms |",
                     v.name,
                     ms(*floor),
+                    ms(*floor99),
                     d.len(),
                     ms(percentile(&d, 0.5)),
                     ms(p99),

@@ -20,10 +20,13 @@
 //!   the terminals' heartbeats.
 //! * [`fleet`] and [`admin`]: every terminal and what needs attention, on
 //!   the admin listener (the page, `/api/fleet`, `/metrics`).
+//! * [`tls`] and [`accept`]: the terminals' listener; an accepted connection
+//!   warms the upstream one.
 //!
 //! The upstream token is refreshed ahead of expiry by a task of its own, so
 //! no forwarded scan pays for getAppToken.
 
+pub mod accept;
 pub mod admin;
 pub mod config;
 pub mod fleet;
@@ -139,13 +142,14 @@ impl RunningGateway {
         let (s1, s2) = (stop.clone(), stop.clone());
         let refresher = upstream.clone();
         let warmer = upstream.clone();
+        let upstream_warm = upstream.clone();
         let s4 = stop.clone();
         tokio::spawn(async move { refresher.keep_fresh(s2).await });
         tokio::spawn(async move { warmer.keep_warm(s4).await });
         let task = match tls {
             None => tokio::spawn(async move {
                 let serve = axum::serve(
-                    listener,
+                    accept::Preconnecting::new(listener, upstream_warm),
                     app.into_make_service_with_connect_info::<tls::Peer>(),
                 )
                 .with_graceful_shutdown(async move { s1.cancelled().await });
@@ -154,6 +158,7 @@ impl RunningGateway {
                 }
             }),
             Some(acceptor) => {
+                let listener = accept::Preconnecting::new(listener, upstream_warm);
                 let l = tls::TlsListener::new(listener, acceptor).map_err(|source| {
                     GatewayError::Listen {
                         addr: cfg_listen,

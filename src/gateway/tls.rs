@@ -230,17 +230,21 @@ impl axum::serve::Listener for TlsListener {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
+// One impl per listener type: a generic one would overlap axum's own.
+macro_rules! peer_of {
+    ($($l:ty),*) => {$(
+        impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, $l>> for Peer {
+            fn connect_info(stream: axum::serve::IncomingStream<'_, $l>) -> Self {
+                Peer(*stream.remote_addr())
+            }
+        }
+    )*};
 }
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
+peer_of!(
+    TlsListener,
+    TcpListener,
+    super::accept::Preconnecting<TcpListener>
+);
 
 #[cfg(test)]
 mod tests {

@@ -252,6 +252,9 @@ impl ClientStats {
     }
 }
 
+/// How long the heartbeat client keeps an idle connection.
+const HEARTBEAT_IDLE: Duration = Duration::from_secs(180);
+
 /// A cheap-to-clone handle.
 #[derive(Clone)]
 pub struct Client {
@@ -310,7 +313,10 @@ pub fn is_request_id(s: &str) -> bool {
 
 impl Client {
     pub fn new(settings: ClientSettings) -> Result<Self, BuildError> {
-        let http = http_client(&settings)?;
+        // A connection idle past `warm` is not trusted (the platform may
+        // be closing it as the request goes out); the slack covers the
+        // keep-warm touch's own timing.
+        let http = http_client(&settings, settings.warm + Duration::from_secs(5))?;
         let identity = Identity {
             base_url: settings.base_url.clone(),
             app_id: settings.app_id.clone(),
@@ -431,7 +437,11 @@ impl Client {
         let side = match self.inner.side.get() {
             Some(c) => c,
             None => {
-                let c = http_client(&self.inner.settings)
+                // Kept across beats (every 30 s by default; the gateway
+                // keeps idle connections open), so beats do not open a
+                // connection each: at the gateway a new connection means a
+                // scan may be coming ([`crate::gateway::accept`]).
+                let c = http_client(&self.inner.settings, HEARTBEAT_IDLE)
                     .map_err(|e| CallError::Unreachable(e.to_string()))?;
                 self.inner.side.get_or_init(|| c)
             }
@@ -1054,17 +1064,15 @@ impl Client {
 }
 
 /// A reqwest client for `settings`: proxy, extra CA, timeouts, the pool.
-fn http_client(settings: &ClientSettings) -> Result<reqwest::Client, BuildError> {
+/// `idle`: how long an idle pooled connection is kept.
+fn http_client(settings: &ClientSettings, idle: Duration) -> Result<reqwest::Client, BuildError> {
     let mut b = reqwest::Client::builder()
         .user_agent(concat!("ehc-agent/", env!("CARGO_PKG_VERSION")))
         // Per-call timeouts are applied around each call; this bounds a
         // connect attempt so an unreachable platform fails fast.
         .connect_timeout(settings.scan_timeout.min(Duration::from_secs(5)))
         .redirect(reqwest::redirect::Policy::none())
-        // A connection idle past `warm` is not trusted (the platform may
-        // be closing it as the request goes out); the slack covers the
-        // keep-warm touch's own timing.
-        .pool_idle_timeout(settings.warm + Duration::from_secs(5))
+        .pool_idle_timeout(idle)
         // Keepalive probes keep NAT and firewall state of an idle
         // connection without an HTTP request the platform would see.
         .tcp_keepalive(Duration::from_secs(15))

@@ -210,8 +210,8 @@ async fn keep_warm_holds_a_connection_through_an_idle_gap() {
     a.app.shutdown().await;
 }
 
-/// A terminal's `HEAD /` at the gateway makes the gateway open its own
-/// connection to the platform when none is warm.
+/// A terminal's `HEAD /` at the gateway, or its bare new connection, makes
+/// the gateway open its own connection to the platform when none is warm.
 #[tokio::test]
 async fn a_warm_up_at_the_gateway_warms_its_upstream() {
     let d = tempfile::tempdir().unwrap();
@@ -256,6 +256,20 @@ async fn a_warm_up_at_the_gateway_warms_its_upstream() {
         proxy.connections() == before + 1
     })
     .await;
+    // A terminal's pre-connect is a bare connection (no request on it):
+    // accepting it is enough for the gateway to open its upstream one.
+    until("the server closed the idle connection", || {
+        proxy.open() == 0
+    })
+    .await;
+    let before = proxy.connections();
+    let bare = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    until(
+        "the gateway opened an upstream connection on an accept",
+        || proxy.connections() == before + 1,
+    )
+    .await;
+    drop(bare);
 }
 
 /// `ehc-agent sim --tls DIR` makes a CA and a certificate there and serves
