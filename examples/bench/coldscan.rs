@@ -11,7 +11,8 @@
 //!
 //! Every (variant, RTT, gap) runs on `lanes` agents at once, their scans
 //! staggered so they do not coincide; each agent makes one unmeasured scan
-//! first (token, first connection). Each agent runs on a thread and runtime
+//! first (token, first connection), and measuring starts 10 s after the
+//! last agent is ready. Each agent runs on a thread and runtime
 //! of its own, and so does each proxy.
 
 use std::sync::Arc;
@@ -29,6 +30,8 @@ use super::{client_settings, ms, percentile};
 /// idle timeout and the simulator's keep-alive: the connection stays open).
 const IDLE_CALLS: usize = 10;
 const IDLE: Duration = Duration::from_secs(5);
+/// Quiet between every agent's start and the first measured scan.
+const SETTLE: Duration = Duration::from_secs(10);
 
 struct Variant {
     name: &'static str,
@@ -193,6 +196,7 @@ async fn lane(
     scans: usize,
     offset: Duration,
     char_us: u64,
+    ready: Arc<tokio::sync::Barrier>,
 ) -> (Vec<(Duration, Duration)>, (u64, u64)) {
     let (sim, proxy) = platform(&tls, rtt).await;
     let (ca, upstream) = (&tls.ca_cert, format!("https://{}", proxy.addr));
@@ -237,7 +241,10 @@ async fn lane(
     // Unmeasured: the token and the first connection.
     let _ = type_code(&mut w, &mint(&sim), char_us).await;
     until_card(&mut lines).await;
-    tokio::time::sleep(offset).await;
+    // Measuring starts when every agent has started and the start's
+    // storm (hundreds of handshakes and first scans) has passed.
+    ready.wait().await;
+    tokio::time::sleep(SETTLE + offset).await;
     let mut out = Vec::with_capacity(scans);
     for _ in 0..scans {
         tokio::time::sleep(gap).await;
@@ -342,11 +349,14 @@ pub async fn run(
         (per_lane as u64 * longest + 60) / 60 + 1
     );
     let mut jobs = Vec::new();
+    let ready = Arc::new(tokio::sync::Barrier::new(
+        chosen.len() * rtts.len() * gaps.len() * lanes,
+    ));
     for v in &chosen {
         for &rtt in &rtts {
             for &gap in &gaps {
                 for k in 0..lanes {
-                    let files = files.clone();
+                    let (files, ready) = (files.clone(), ready.clone());
                     let v: &'static Variant = VARIANTS.iter().find(|x| x.name == v.name).unwrap();
                     // Lanes of one gap take turns: spread over the gap
                     // (and over 2 s when the gap is shorter).
@@ -370,6 +380,7 @@ pub async fn run(
                             per_lane,
                             offset,
                             char_us,
+                            ready,
                         ));
                         (v.name, rtt, gap, got)
                     }));
