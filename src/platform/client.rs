@@ -927,8 +927,13 @@ impl Client {
 
     /// POST `body` to `path` on the first base that takes the connection,
     /// starting with the one that answered last; the body read up to
-    /// [`MAX_BODY`]. Only a failure to connect moves on to the next base: a
-    /// request that reached a server is never sent twice by this.
+    /// [`MAX_BODY`]. A failure to connect moves on to the next base. A
+    /// request whose connection closed before any answer came is sent once
+    /// more (the next base first, else a new connection to the same one):
+    /// the usual cause is a pooled connection whose server has gone (a
+    /// gateway killed, a platform restarted) and the request never reached
+    /// anyone. If it did reach the platform, the copy carries the same
+    /// `requestId` and gets 10054, which for an outbox row means done.
     async fn post(
         &self,
         path: &str,
@@ -939,7 +944,13 @@ impl Client {
         let first = self.inner.sticky.load(Ordering::Relaxed) % bases.len();
         let fut = async {
             let mut last = None;
-            for i in (0..bases.len()).map(|k| (first + k) % bases.len()) {
+            let mut order: Vec<usize> = (0..bases.len())
+                .map(|k| (first + k) % bases.len())
+                .collect();
+            let mut resent = false;
+            let mut next = 0;
+            while let Some(&i) = order.get(next) {
+                next += 1;
                 let url = format!("{}{}", bases[i], path);
                 let sent = self
                     .inner
@@ -953,6 +964,15 @@ impl Client {
                     Ok(r) => r,
                     Err(e) if e.is_connect() && bases.len() > 1 => {
                         tracing::warn!(base = %bases[i], error = %transport_error(&e), "cannot connect; trying the next address");
+                        last = Some(transport_error(&e));
+                        continue;
+                    }
+                    Err(e) if !resent && dropped_unanswered(&e) => {
+                        resent = true;
+                        tracing::warn!(base = %bases[i], error = %transport_error(&e), "the connection closed before an answer; sending once more");
+                        if bases.len() == 1 {
+                            order.push(i);
+                        }
                         last = Some(transport_error(&e));
                         continue;
                     }
@@ -1185,6 +1205,34 @@ fn redacted_location(loc: &str) -> String {
 
 /// reqwest's top-level message ("error sending request") hides the cause;
 /// the operator needs the chain ("connection refused").
+/// True when `e` says the connection closed (or was reset) after the
+/// request was written and before any answer: no status line came, so the
+/// server gave no answer to act on.
+fn dropped_unanswered(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() || e.status().is_some() {
+        return false;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        src = s.source();
+    }
+    false
+}
+
 fn transport_error(e: &reqwest::Error) -> CallError {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);

@@ -372,3 +372,73 @@ async fn a_failed_refresh_answers_everyone_who_waited_for_it() {
     }
     assert_eq!(calls(&sim, "getAppToken", "21006").await, 1);
 }
+
+/// Regression: a gateway killed while the agent held a pooled connection to
+/// it sent the next scan offline ("connection closed before message
+/// completed") instead of trying again. A relay in front of the simulator
+/// passes the first call, then, like a dead server, closes that connection
+/// when the next request arrives on it: the call must still succeed, on a
+/// connection of its own.
+#[tokio::test]
+async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_call() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let sim = sim().await;
+    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let die = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (die2, accepted2) = (die.clone(), accepted.clone());
+    let relay = tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = l.accept().await else {
+                return;
+            };
+            let n = accepted2.fetch_add(1, Ordering::SeqCst);
+            let up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let die = die2.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                    cw
+                });
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok(k) = cr.read(&mut buf).await else {
+                        break;
+                    };
+                    // The first connection dies under the request that
+                    // arrives after `die` is set; later ones live.
+                    if k == 0 || (n == 0 && die.load(Ordering::SeqCst)) {
+                        break;
+                    }
+                    if uw.write_all(&buf[..k]).await.is_err() {
+                        break;
+                    }
+                }
+                back.abort();
+                // Dropping both halves closes the connection unanswered.
+            });
+        }
+    });
+    let mut st = settings(&sim, None);
+    st.base_url = format!("http://{addr}");
+    let c = Client::new(st).unwrap();
+    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    die.store(true, Ordering::SeqCst);
+    let card = c
+        .call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .expect("sent once more on a new connection");
+    assert_eq!(card.card.name, "测试甲");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, 2);
+    relay.abort();
+}

@@ -222,12 +222,13 @@ async fn two_gateways_one_token_through_a_gateway_kill_and_a_redis_restart() {
     };
     async fn collect(agents: &mut [(Daemon, HisClient)], phase: &str) -> u64 {
         let mut n = 0;
-        for (i, (_, his)) in agents.iter_mut().enumerate() {
+        for (i, (d, his)) in agents.iter_mut().enumerate() {
             let m = his.next_of(&["card", "scanFailed"]).await;
             assert_eq!(
                 (m["type"].as_str(), m["verified"].as_bool()),
                 (Some("card"), Some(true)),
-                "{phase}, agent {i}: {m}"
+                "{phase}, agent {i}: {m}\nits log:\n{}",
+                d.log()
             );
             n += 1;
         }
