@@ -407,12 +407,9 @@ async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_cal
                     cw
                 });
                 let mut buf = vec![0u8; 65536];
-                loop {
-                    let Ok(k) = cr.read(&mut buf).await else {
-                        break;
-                    };
-                    // The first connection dies under the request that
-                    // arrives after `die` is set; later ones live.
+                // The first connection dies under the request that arrives
+                // after `die` is set; later ones live.
+                while let Ok(k) = cr.read(&mut buf).await {
                     if k == 0 || (n == 0 && die.load(Ordering::SeqCst)) {
                         break;
                     }
