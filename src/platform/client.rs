@@ -495,10 +495,12 @@ impl Client {
         }
     }
 
-    /// A scan is arriving (its first byte came from a scanner): if no
-    /// connection is warm, start opening one now, while the rest of the
-    /// code arrives. Returns at once.
+    /// A scan is arriving (its first byte came from a scanner): no
+    /// keep-warm touch starts until it has arrived, and if no connection
+    /// is warm, one starts opening now, while the rest of the code
+    /// arrives. Returns at once.
     pub fn preconnect(&self) {
+        self.inner.warmth.arriving();
         if !self.inner.settings.preconnect || self.inner.warmth.is_warm(std::time::Instant::now()) {
             return;
         }

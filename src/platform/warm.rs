@@ -16,11 +16,22 @@
 //!   or keyboard-wedge scanner). No request goes on it: it is kept for the
 //!   scan ([`super::preconnect`]). A scan that is complete before the
 //!   connection is waits for it and rides it, rather than opening a second.
+//!
+//! A touch never starts while a scan is arriving ([`ARRIVAL`] after its
+//! first byte): on HTTP/1.1 the scan would wait up to a round trip for the
+//! touch's answer. A touch that started before the first byte is answered
+//! before the Enter whenever the code takes longer to arrive than a round
+//! trip (a serial scanner's 70 characters: 70 ms).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+/// How long after a scan's first byte no keep-warm touch starts: longer
+/// than any scanner takes to send a code (a keyboard wedge at 5 ms a
+/// character, 100 characters: 0.5 s).
+pub const ARRIVAL: Duration = Duration::from_secs(1);
 
 /// The client's view of its connections.
 pub struct Warmth {
@@ -32,6 +43,8 @@ pub struct Warmth {
     /// When an API call was last made (keep-warm runs for `keep_warm`
     /// after it).
     last_call: Mutex<Option<Instant>>,
+    /// When the first byte of the latest scan arrived.
+    arriving: Mutex<Option<Instant>>,
     /// `true` while a warm-up request is in flight.
     warming: watch::Sender<bool>,
 }
@@ -51,6 +64,7 @@ impl Warmth {
             keep_warm,
             last_answer: Mutex::new(None),
             last_call: Mutex::new(None),
+            arriving: Mutex::new(None),
             warming: watch::channel(false).0,
         }
     }
@@ -63,21 +77,29 @@ impl Warmth {
         set(&self.last_call, Instant::now());
     }
 
+    /// The first byte of a scan arrived: no touch for [`ARRIVAL`].
+    pub fn arriving(&self) {
+        set(&self.arriving, Instant::now());
+    }
+
     /// Is a connection taken to be open at `now`?
     pub fn is_warm(&self, now: Instant) -> bool {
         get(&self.last_answer).is_some_and(|t| now.saturating_duration_since(t) < self.warm)
     }
 
     /// When the keep-warm touch is next due (`warm` after the last
-    /// answer, or now if none yet).
+    /// answer, or now if none yet; not while a scan is arriving).
     pub fn touch_due(&self, now: Instant) -> Instant {
-        get(&self.last_answer).map_or(now, |t| t + self.warm)
+        let due = get(&self.last_answer).map_or(now, |t| t + self.warm);
+        get(&self.arriving).map_or(due, |a| due.max(a + ARRIVAL))
     }
 
-    /// Should the keep-warm touch go out now: nothing warm, and an API call
-    /// within `keep_warm` (nights and weekends stay quiet).
+    /// Should the keep-warm touch go out now: nothing warm, no scan
+    /// arriving, and an API call within `keep_warm` (nights and weekends
+    /// stay quiet).
     pub fn should_touch(&self, now: Instant) -> bool {
         !self.is_warm(now)
+            && get(&self.arriving).is_none_or(|a| now.saturating_duration_since(a) >= ARRIVAL)
             && get(&self.last_call)
                 .is_some_and(|c| now.saturating_duration_since(c) < self.keep_warm)
     }
@@ -130,6 +152,27 @@ mod tests {
         );
         let due = w.touch_due(t);
         assert!(due <= t + Duration::from_secs(25) && due > t + Duration::from_secs(24));
+    }
+
+    /// A touch due while a scan's code is arriving waits until it has
+    /// arrived: the scan must not find its connection busy with a `HEAD`.
+    #[test]
+    fn no_touch_while_a_scan_arrives() {
+        // `warm` zero: a touch is due the moment anything was answered.
+        let w = Warmth::new(Duration::ZERO, Duration::from_secs(3600));
+        w.called();
+        w.answered();
+        assert!(w.should_touch(Instant::now()), "due");
+        let before = Instant::now();
+        w.arriving();
+        let after = Instant::now();
+        assert!(!w.should_touch(after), "a scan is arriving");
+        assert!(
+            !w.should_touch(before + ARRIVAL - Duration::from_millis(1)),
+            "still arriving"
+        );
+        assert!(w.should_touch(after + ARRIVAL));
+        assert!(w.touch_due(after) >= before + ARRIVAL);
     }
 
     #[tokio::test]
