@@ -128,6 +128,31 @@ impl CallError {
     }
 }
 
+/// A request's `requestId`, and whose it is.
+#[derive(Clone, Copy)]
+enum Id<'a> {
+    /// Made for this request (renewed when the request is sent again).
+    Fresh(&'a str),
+    /// The caller's (an outbox row's): kept, so 10054 means "already done".
+    Caller(&'a str),
+}
+
+impl<'a> Id<'a> {
+    fn of(id: &'a str, callers: bool) -> Self {
+        if callers {
+            Id::Caller(id)
+        } else {
+            Id::Fresh(id)
+        }
+    }
+
+    fn as_str(&self) -> &'a str {
+        match self {
+            Id::Fresh(s) | Id::Caller(s) => s,
+        }
+    }
+}
+
 /// What the client needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -380,7 +405,12 @@ impl Client {
         let token = self.valid_token(deadline, timeout).await?;
         self.before_call(opts.urgency, deadline).await;
         let first = self
-            .send::<A>(req, &request_id, &token.value, left(deadline, timeout)?)
+            .send::<A>(
+                req,
+                Id::of(&request_id, caller_id),
+                &token.value,
+                left(deadline, timeout)?,
+            )
             .await;
         let result = match first {
             Err(e) if e.class() == Class::Token => {
@@ -404,8 +434,13 @@ impl Client {
                 } else {
                     new_request_id()
                 };
-                self.send::<A>(req, &retry_id, &fresh.value, left(deadline, timeout)?)
-                    .await
+                self.send::<A>(
+                    req,
+                    Id::of(&retry_id, caller_id),
+                    &fresh.value,
+                    left(deadline, timeout)?,
+                )
+                .await
             }
             other => other,
         };
@@ -837,7 +872,7 @@ impl Client {
             }
         }
         let fetched = self
-            .send::<GetAppToken>(&req, &new_request_id(), "", timeout)
+            .send::<GetAppToken>(&req, Id::Fresh(&new_request_id()), "", timeout)
             .await;
         let rsp = match fetched {
             Ok(r) => r,
@@ -887,17 +922,24 @@ impl Client {
         Ok(tok)
     }
 
-    /// One signed POST, with the body read up to [`MAX_BODY`].
+    /// One signed POST, with the body read up to [`MAX_BODY`]. `id`: the
+    /// request's `requestId`; a throwaway one ([`Id::Fresh`]) is renewed if
+    /// the request has to be sent again after its connection dropped (the
+    /// first may have reached the platform, which would answer 10054).
     async fn send<A: Api>(
         &self,
         req: &A::Req,
-        request_id: &str,
+        id: Id<'_>,
         token: &str,
         timeout: Duration,
     ) -> Result<A::Rsp, CallError> {
-        let body = self.envelope::<A>(req, request_id, token);
+        let request_id = id.as_str();
+        let body = |resend: bool| match id {
+            Id::Fresh(_) if resend => self.envelope::<A>(req, &new_request_id(), token),
+            _ => self.envelope::<A>(req, request_id, token),
+        };
         let started = std::time::Instant::now();
-        let bytes = self.post(A::PATH, body, timeout).await;
+        let bytes = self.post(A::PATH, &body, timeout).await;
         let result = bytes.and_then(|b| {
             let answer = api::parse_response::<A>(&b)?;
             match answer.rsp {
@@ -934,12 +976,16 @@ impl Client {
     /// more (the next base first, else a new connection to the same one):
     /// the usual cause is a pooled connection whose server has gone (a
     /// gateway killed, a platform restarted) and the request never reached
-    /// anyone. If it did reach the platform, the copy carries the same
-    /// `requestId` and gets 10054, which for an outbox row means done.
+    /// anyone. In case it did reach the platform, a throwaway `requestId`
+    /// is renewed for the copy (see `body`) and a caller's own is kept: its
+    /// 10054 then means done.
+    ///
+    /// `body(resend)` makes the body; `resend` is true for the copy after a
+    /// dropped connection.
     async fn post(
         &self,
         path: &str,
-        body: Vec<u8>,
+        body: &(dyn Fn(bool) -> Vec<u8> + Sync),
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
         let bases = &self.inner.bases;
@@ -950,6 +996,7 @@ impl Client {
                 .map(|k| (first + k) % bases.len())
                 .collect();
             let mut resent = false;
+            let mut payload = body(false);
             let mut next = 0;
             while let Some(&i) = order.get(next) {
                 next += 1;
@@ -959,7 +1006,7 @@ impl Client {
                     .http
                     .post(&url)
                     .header("content-type", "application/json; charset=utf-8")
-                    .body(body.clone())
+                    .body(payload.clone())
                     .send()
                     .await;
                 let resp = match sent {
@@ -971,6 +1018,7 @@ impl Client {
                     }
                     Err(e) if !resent && dropped_unanswered(&e) => {
                         resent = true;
+                        payload = body(true);
                         tracing::warn!(base = %bases[i], error = %transport_error(&e), "the connection closed before an answer; sending once more");
                         if bases.len() == 1 {
                             order.push(i);
@@ -1030,8 +1078,12 @@ impl Client {
         self.before_call(urgency, deadline).await;
         let mut retried = false;
         let result: Result<(Vec<u8>, i64), CallError> = loop {
+            // The terminal's requestId is kept on a resend too: it is the
+            // terminal's to renew.
             let body = self.envelope_map(req.clone(), request_id, &token.value);
-            let bytes = self.post(path, body, left(deadline, timeout)?).await?;
+            let bytes = self
+                .post(path, &|_| body.clone(), left(deadline, timeout)?)
+                .await?;
             let code = api::result_code(&bytes)?;
             if matches!(code, 21003 | 21004) && !retried {
                 retried = true;

@@ -373,44 +373,76 @@ async fn a_failed_refresh_answers_everyone_who_waited_for_it() {
     assert_eq!(calls(&sim, "getAppToken", "21006").await, 1);
 }
 
-/// Regression: a gateway killed while the agent held a pooled connection to
-/// it sent the next scan offline ("connection closed before message
-/// completed") instead of trying again. A relay in front of the simulator
-/// passes the first call, then, like a dead server, closes that connection
-/// when the next request arrives on it: the call must still succeed, on a
-/// connection of its own.
-#[tokio::test]
-async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_call() {
+/// How the relay's first connection dies under the request that arrives
+/// after it is told to.
+#[derive(Clone, Copy)]
+enum Death {
+    /// Before the request reaches the platform (a gateway killed while the
+    /// agent held a pooled connection to it).
+    Before,
+    /// After the platform answered, the answer lost (a gateway killed
+    /// mid-forward).
+    After,
+}
+
+/// A relay in front of `upstream`; its first connection dies as `death`
+/// says once `die` is set. Returns its address, `die` and the count of
+/// connections accepted.
+async fn dying_relay(
+    upstream: String,
+    death: Death,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let sim = sim().await;
-    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let die = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicUsize::new(0));
     let (die2, accepted2) = (die.clone(), accepted.clone());
-    let relay = tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = l.accept().await else {
-                return;
-            };
-            let n = accepted2.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let first = accepted2.fetch_add(1, Ordering::SeqCst) == 0;
             let up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
             let die = die2.clone();
             tokio::spawn(async move {
                 let (mut cr, mut cw) = client.into_split();
                 let (mut ur, mut uw) = up.into_split();
+                // Answers pass back until the connection is to die; then
+                // the next one is swallowed and reported.
+                let swallow = Arc::new(AtomicBool::new(false));
+                let (answered_tx, answered) = tokio::sync::oneshot::channel::<()>();
+                let sw = swallow.clone();
                 let back = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
-                    cw
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(k) = ur.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        if sw.load(Ordering::SeqCst) {
+                            let _ = answered_tx.send(());
+                            return;
+                        }
+                        if cw.write_all(&buf[..k]).await.is_err() {
+                            break;
+                        }
+                    }
                 });
                 let mut buf = vec![0u8; 65536];
-                // The first connection dies under the request that arrives
-                // after `die` is set; later ones live.
                 while let Ok(k) = cr.read(&mut buf).await {
-                    if k == 0 || (n == 0 && die.load(Ordering::SeqCst)) {
+                    if k == 0 {
+                        break;
+                    }
+                    if first && die.load(Ordering::SeqCst) {
+                        if let Death::After = death {
+                            swallow.store(true, Ordering::SeqCst);
+                            let _ = uw.write_all(&buf[..k]).await;
+                            let _ = answered.await;
+                        }
                         break;
                     }
                     if uw.write_all(&buf[..k]).await.is_err() {
@@ -422,6 +454,20 @@ async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_cal
             });
         }
     });
+    (addr, die, accepted)
+}
+
+/// Regression: a gateway killed while the agent held a pooled connection to
+/// it sent the next scan offline ("connection closed before message
+/// completed") instead of trying again. The relay passes the first call,
+/// then closes that connection when the next request arrives on it: the
+/// call must still succeed, on a connection of its own.
+#[tokio::test]
+async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_call() {
+    use std::sync::atomic::Ordering;
+    let sim = sim().await;
+    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
+    let (addr, die, accepted) = dying_relay(upstream, Death::Before).await;
     let mut st = settings(&sim, None);
     st.base_url = format!("http://{addr}");
     let c = Client::new(st).unwrap();
@@ -437,5 +483,50 @@ async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_cal
     assert_eq!(card.card.name, "测试甲");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, 2);
-    relay.abort();
+}
+
+/// The platform answered, and the answer was lost with the connection (a
+/// gateway killed mid-forward): the copy of a scan's query goes with a new
+/// requestId (the old one would get 10054, and the scan would fail), while
+/// an outbox row's copy keeps its own and 10054 tells it the row is done.
+#[tokio::test]
+async fn a_request_answered_then_lost_is_sent_again_with_the_right_request_id() {
+    use std::sync::atomic::Ordering;
+    let sim = sim().await;
+    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
+    let (addr, die, _) = dying_relay(upstream.clone(), Death::After).await;
+    let mut st = settings(&sim, None);
+    st.base_url = format!("http://{addr}");
+    let c = Client::new(st).unwrap();
+    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap();
+    die.store(true, Ordering::SeqCst);
+    let card = c
+        .call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .expect("a new requestId for the copy");
+    assert_eq!(card.card.name, "测试甲");
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, 3);
+
+    // The outbox's call: its own requestId, kept.
+    let (addr, die, _) = dying_relay(upstream, Death::After).await;
+    let mut st = settings(&sim, None);
+    st.base_url = format!("http://{addr}");
+    let c = Client::new(st).unwrap();
+    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
+        .await
+        .unwrap();
+    die.store(true, Ordering::SeqCst);
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let r: ReportReq = serde_json::from_value(report(&qr)).unwrap();
+    let id = ehc_agent::platform::client::new_request_id();
+    let e = c
+        .call::<ReportHisData>(&r, CallOptions::upload(&id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.result_code(), Some(10054), "{e:?}");
+    let st = state(&sim).await;
+    assert_eq!(st["uniqueReports"], 1, "one use, reported once: {st}");
+    assert_eq!(st["reports"][0]["requestId"], id.as_str());
 }
