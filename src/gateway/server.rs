@@ -243,9 +243,10 @@ fn unavailable(why: &str) -> Response {
 
 /// Scans wait at a window: the short timeout; reports and binds do not.
 fn urgency(api_name: &str) -> Urgency {
-    match api_name {
-        "verifyQRCode" | "getHealthCardByQRCode" => Urgency::Scan,
-        _ => Urgency::Upload,
+    if crate::platform::api::is_query(api_name) {
+        Urgency::Scan
+    } else {
+        Urgency::Upload
     }
 }
 

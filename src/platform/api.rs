@@ -155,6 +155,12 @@ impl Api for VerifyQrCode {
     type Rsp = VerifiedCard;
 }
 
+/// Does the interface named `api_name` only read (a scan's query)? Sending
+/// one twice harms nothing, so a copy may carry a new `requestId`.
+pub fn is_query(api_name: &str) -> bool {
+    api_name == GetHealthCardByQrCode::NAME || api_name == VerifyQrCode::NAME
+}
+
 // ---- reportHISData (3.2.7) ----
 
 pub struct ReportHisData;
@@ -312,6 +318,21 @@ pub fn result_code(body: &[u8]) -> Result<i64, ResponseError> {
     co.get("resultCode")
         .and_then(Value::as_i64)
         .ok_or(ResponseError::BadResultCode)
+}
+
+/// `body` with `commonOut.requestId` set to `request_id` (the gateway
+/// hands a terminal its own id back when it sent a copy under another).
+pub fn with_request_id(body: &[u8], request_id: &str) -> Result<Vec<u8>, ResponseError> {
+    if body.len() > MAX_BODY {
+        return Err(ResponseError::TooLarge);
+    }
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| ResponseError::NotJson(without_values(&e.to_string())))?;
+    let Some(Value::Object(co)) = v.get_mut("commonOut") else {
+        return Err(ResponseError::MissingCommonOut);
+    };
+    co.insert("requestId".into(), request_id.into());
+    serde_json::to_vec(&v).map_err(|e| ResponseError::NotJson(e.to_string()))
 }
 
 /// serde's message without the value it quotes: `invalid type: string

@@ -1058,7 +1058,8 @@ impl Client {
     }
 
     /// Forward a request a terminal sent (the gateway): `req` as the
-    /// terminal sent it, its `requestId` unchanged, re-signed with this
+    /// terminal sent it, its `requestId` unchanged (but for a query's copy
+    /// after a dropped connection, see `post`), re-signed with this
     /// client's secret and current token. On 21003/21004 the token is
     /// refreshed (single flight, generation-guarded) and the request sent
     /// once more. Returns the platform's answer body unchanged, and its
@@ -1078,12 +1079,25 @@ impl Client {
         self.before_call(urgency, deadline).await;
         let mut retried = false;
         let result: Result<(Vec<u8>, i64), CallError> = loop {
-            // The terminal's requestId is kept on a resend too: it is the
-            // terminal's to renew.
+            // A copy sent after a dropped connection keeps the terminal's
+            // requestId (a report's 10054 then means done), except for a
+            // query: its answer may have been lost after the platform saw
+            // the id, and a query done twice harms nothing.
             let body = self.envelope_map(req.clone(), request_id, &token.value);
-            let bytes = self
-                .post(path, &|_| body.clone(), left(deadline, timeout)?)
-                .await?;
+            let renewed = std::sync::OnceLock::new();
+            let copy = |resend: bool| {
+                if resend && api::is_query(api_name) {
+                    let _ = renewed.set(());
+                    self.envelope_map(req.clone(), &new_request_id(), &token.value)
+                } else {
+                    body.clone()
+                }
+            };
+            let mut bytes = self.post(path, &copy, left(deadline, timeout)?).await?;
+            if renewed.get().is_some() {
+                // The terminal gets its own requestId back, as always.
+                bytes = api::with_request_id(&bytes, request_id)?;
+            }
             let code = api::result_code(&bytes)?;
             if matches!(code, 21003 | 21004) && !retried {
                 retried = true;

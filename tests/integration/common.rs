@@ -261,3 +261,90 @@ pub const HEADLESS_CHROMIUM: [&str; 8] = [
     "--disable-component-update",
     "--disable-sync",
 ];
+
+/// How a [`dying_relay`] connection dies under the request that arrives
+/// after it is told to.
+#[derive(Clone, Copy)]
+pub enum Death {
+    /// Before the request reaches the platform (a gateway killed while the
+    /// agent held a pooled connection to it).
+    Before,
+    /// After the platform answered, the answer lost (a gateway killed
+    /// mid-forward).
+    After,
+}
+
+/// A relay in front of `upstream`: once `die` is set, the connection that
+/// carries the next request dies as `death` says (and `die` is cleared).
+/// Returns its address, `die` and the count of connections accepted.
+pub async fn dying_relay(
+    upstream: String,
+    death: Death,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let die = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (die2, accepted2) = (die.clone(), accepted.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            let up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let die = die2.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                // Answers pass back until the connection is to die; then
+                // the next one is swallowed and reported.
+                let swallow = Arc::new(AtomicBool::new(false));
+                let (answered_tx, answered) = tokio::sync::oneshot::channel::<()>();
+                let sw = swallow.clone();
+                let back = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(k) = ur.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        if sw.load(Ordering::SeqCst) {
+                            let _ = answered_tx.send(());
+                            return;
+                        }
+                        if cw.write_all(&buf[..k]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 65536];
+                while let Ok(k) = cr.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    if die
+                        .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        if let Death::After = death {
+                            swallow.store(true, Ordering::SeqCst);
+                            let _ = uw.write_all(&buf[..k]).await;
+                            let _ = answered.await;
+                        }
+                        break;
+                    }
+                    if uw.write_all(&buf[..k]).await.is_err() {
+                        break;
+                    }
+                }
+                back.abort();
+                // Dropping both halves closes the connection unanswered.
+            });
+        }
+    });
+    (addr, die, accepted)
+}

@@ -15,12 +15,17 @@ use crate::daemon::{until_sim, Daemon, HisClient, Options};
 
 /// A gateway in-process in `dir`, towards `sim`.
 async fn gateway(sim: &ehc_agent::sim::SimServer, dir: &Path, extra: &str) -> RunningGateway {
+    gateway_to(&sim.base_url(), dir, extra).await
+}
+
+/// A gateway in-process in `dir`, towards the platform at `upstream`.
+async fn gateway_to(upstream: &str, dir: &Path, extra: &str) -> RunningGateway {
     let secret = dir.join("upstream_secret");
     std::fs::write(&secret, SECRET).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let text = format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\n{extra}\n[upstream]\nbase_url = \"{}\"\napp_id = \"{APP_ID}\"\nhospital_id = \"{HOSPITAL}\"\napp_secret_file = \"upstream_secret\"\n",
-        sim.base_url()
+        upstream
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();
@@ -147,6 +152,44 @@ async fn terminals_get_the_platforms_answers() {
     // terminal's signatures.
     assert_eq!(calls(&sim, "getAppToken", "0").await, 1);
     assert_eq!(calls(&sim, "getHealthCardByQRCode", "21006").await, 0);
+    gw.stop().await;
+}
+
+/// The platform answered and the answer was lost with the gateway's
+/// upstream connection: a scan's query is asked again under a new
+/// requestId (the terminal's would get 10054 and fail the scan) and the
+/// terminal gets its own id back; a report keeps the terminal's id, and
+/// the 10054 it gets tells the terminal the use is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_upstream_answer_is_asked_again_only_for_a_query() {
+    use std::sync::atomic::Ordering;
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
+    let (relay, die, _) = dying_relay(upstream, Death::After).await;
+    let gw = gateway_to(&format!("http://{relay}"), dir.path(), "").await;
+    let base = gw.base_url();
+    let (t, token) = enrolled(&gw, "WIN-01").await;
+    let qr = sim.with_state(|s| s.static_code(0)).unwrap();
+    let query = |id: &str| envelope(&token, id, json!({"qrCodeText": qr}), &t.secret);
+    let (_, a) = post_to(&base, "getHealthCardByQRCode", &query(&rid(2))).await;
+    assert_eq!(code(&a), 0, "{a}");
+    die.store(true, Ordering::SeqCst);
+    let id = rid(3);
+    let (_, a) = post_to(&base, "getHealthCardByQRCode", &query(&id)).await;
+    assert_eq!(code(&a), 0, "{a}");
+    assert_eq!(a["commonOut"]["requestId"], id.as_str());
+    assert_eq!(a["rsp"]["card"]["name"], "测试甲");
+    assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, 3);
+
+    die.store(true, Ordering::SeqCst);
+    let id = rid(4);
+    let use_ = envelope(&token, &id, report(&qr), &t.secret);
+    let (_, a) = post_to(&base, "reportHISData", &use_).await;
+    assert_eq!(code(&a), 10054, "{a}");
+    let st = state(&sim).await;
+    assert_eq!(st["uniqueReports"], 1, "{st}");
+    assert_eq!(st["reports"][0]["requestId"], id.as_str());
     gw.stop().await;
 }
 
