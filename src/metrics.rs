@@ -27,6 +27,8 @@ pub struct Metrics {
     pub scans: Family<Labels, Counter>,
     pub scan_to_his: Histogram,
     pub platform_requests: HistogramFamily,
+    /// New connections to the platform (or gateway), by what opened them.
+    pub platform_connections: Family<Labels, Counter>,
     pub uploads: Family<Labels, Counter>,
     pub token_refreshes: Counter,
     pub outbox_rows: Family<Labels, Gauge>,
@@ -69,6 +71,7 @@ pub fn get() -> &'static Metrics {
             scans: Family::default(),
             scan_to_his: latency_histogram(),
             platform_requests: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            platform_connections: Family::default(),
             uploads: Family::default(),
             token_refreshes: Counter::default(),
             outbox_rows: Family::default(),
@@ -105,6 +108,11 @@ pub fn get() -> &'static Metrics {
             "platform_request_duration_seconds",
             "Platform calls by API and result class",
             m.platform_requests.clone(),
+        );
+        r.register(
+            "platform_connections_opened",
+            "New connections to the platform or gateway by what opened them: preconnect (a scan's first byte), scan (a scan found none open and paid the handshakes: keep-warm did not hold one), other (uploads, keep-warm, token)",
+            m.platform_connections.clone(),
         );
         r.register(
             "uploads",
@@ -195,6 +203,12 @@ impl Metrics {
         self.platform_requests
             .get_or_create(&vec![("api", api.to_owned()), ("class", class.to_owned())])
             .observe(secs);
+    }
+
+    pub fn connection_opened(&self, by: &'static str) {
+        self.platform_connections
+            .get_or_create(&vec![("by", by.to_owned())])
+            .inc();
     }
 
     pub fn upload(&self, class: &str) {

@@ -398,6 +398,15 @@ impl Client {
     /// and the call retried once. The whole of it, refresh and retry
     /// included, is bounded by the urgency's timeout.
     pub async fn call<A: Api>(&self, req: &A::Req, opts: CallOptions) -> Result<A::Rsp, CallError> {
+        let urgency = opts.urgency;
+        as_urgency(urgency, self.call_inner::<A>(req, opts)).await
+    }
+
+    async fn call_inner<A: Api>(
+        &self,
+        req: &A::Req,
+        opts: CallOptions,
+    ) -> Result<A::Rsp, CallError> {
         let timeout = self.timeout(opts.urgency);
         let deadline = tokio::time::Instant::now() + timeout;
         let caller_id = opts.request_id.is_some();
@@ -1072,6 +1081,21 @@ impl Client {
         request_id: &str,
         urgency: Urgency,
     ) -> Result<(Vec<u8>, i64), CallError> {
+        as_urgency(
+            urgency,
+            self.forward_inner(api_name, path, req, request_id, urgency),
+        )
+        .await
+    }
+
+    async fn forward_inner(
+        &self,
+        api_name: &str,
+        path: &str,
+        req: &Map<String, Value>,
+        request_id: &str,
+        urgency: Urgency,
+    ) -> Result<(Vec<u8>, i64), CallError> {
         let timeout = self.timeout(urgency);
         let deadline = tokio::time::Instant::now() + timeout;
         let started = std::time::Instant::now();
@@ -1273,6 +1297,15 @@ fn redacted_location(loc: &str) -> String {
 
 /// reqwest's top-level message ("error sending request") hides the cause;
 /// the operator needs the chain ("connection refused").
+/// Run `f` as a scan's when `urgency` says so: a connection it has to open
+/// is counted as a cold scan's ([`super::preconnect::for_scan`]).
+async fn as_urgency<F: std::future::Future>(urgency: Urgency, f: F) -> F::Output {
+    match urgency {
+        Urgency::Scan => super::preconnect::for_scan(f).await,
+        Urgency::Upload => f.await,
+    }
+}
+
 /// True when `e` says the connection closed (or was reset) after the
 /// request was written and before any answer: no status line came, so the
 /// server gave no answer to act on.

@@ -17,6 +17,11 @@
 //! `fresh` is closed (the platform's front end may be closing it, and the
 //! scan may have found an idle pooled connection instead).
 //!
+//! Every connection it opens is counted by what opened it
+//! (`ehc_agent_platform_connections_opened_total{by}`): `preconnect`, `scan`
+//! (a scan found nothing open and paid the handshakes itself: the thing
+//! keep-warm and pre-connect exist to prevent, so IT can see it), `other`.
+//!
 //! Destinations are told apart by the connector request's `Debug` text
 //! (reqwest's request type is sealed; its text is the destination URI), so
 //! a connection opened to one base is never handed to a request for
@@ -35,6 +40,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 tokio::task_local! {
     static OPENING: ();
+    static SCAN: ();
+}
+
+/// Run `request` as a scan's: a connection it has to open itself is
+/// counted as a cold scan's.
+pub async fn for_scan<F: Future>(request: F) -> F::Output {
+    SCAN.scope((), request).await
 }
 
 /// Run `request` so that the connection it opens (if it opens one) is kept
@@ -81,6 +93,7 @@ impl<S> tower_layer::Layer<S> for Layer {
             inner,
             shared: Arc::new(Shared {
                 state: Mutex::new(State::Empty),
+                connecting: Mutex::new(Vec::new()),
                 changed: Notify::new(),
                 fresh: self.fresh,
             }),
@@ -97,6 +110,9 @@ pub struct Slot<S> {
 
 struct Shared {
     state: Mutex<State>,
+    /// Destinations a request is opening a connection to itself (one entry
+    /// per connect): a pre-connect then has nothing to add.
+    connecting: Mutex<Vec<String>>,
     /// Woken when an opening ends (kept, failed or abandoned).
     changed: Notify,
     fresh: Duration,
@@ -126,9 +142,19 @@ impl Shared {
     }
 
     /// Claim the opening for `dest`: false when a connection to it is
-    /// already kept (and fresh) or being opened.
+    /// already kept (and fresh) or being opened, by a pre-connect or by a
+    /// request (a code that arrived all at once: its scan got there first).
     fn claim(&self, dest: &str) -> bool {
         let mut s = self.lock();
+        if self
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|d| d == dest)
+        {
+            return false;
+        }
         match &*s {
             State::Opening { dest: d } if d == dest => false,
             State::Kept { dest: d, at, .. } if d == dest && at.elapsed() < self.fresh => false,
@@ -189,6 +215,34 @@ impl Shared {
     }
 }
 
+/// A request's own connect to `dest`, listed in [`Shared::connecting`]
+/// while it lasts (however it ends).
+struct Connecting<'a> {
+    shared: &'a Shared,
+    dest: &'a str,
+}
+
+impl<'a> Connecting<'a> {
+    fn new(shared: &'a Shared, dest: &'a str) -> Self {
+        let mut c = shared.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        c.push(dest.to_owned());
+        Connecting { shared, dest }
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut c = self
+            .shared
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = c.iter().position(|d| d == self.dest) {
+            c.swap_remove(i);
+        }
+    }
+}
+
 /// Ends an opening that was dropped half way (its request timed out or
 /// was cancelled), so requests waiting for it go and connect themselves.
 struct Abandon<'a> {
@@ -231,6 +285,13 @@ where
         // Read here: `call` runs inside the poll of the request's future,
         // where the task-local scope of `opening` is in force.
         let keep = OPENING.try_with(|_| ()).is_ok();
+        let by = if keep {
+            "preconnect"
+        } else if SCAN.try_with(|_| ()).is_ok() {
+            "scan"
+        } else {
+            "other"
+        };
         Box::pin(async move {
             if keep {
                 if !shared.claim(&dest) {
@@ -245,6 +306,7 @@ where
                 abandon.done = true;
                 return match got {
                     Ok(conn) => {
+                        crate::metrics::get().connection_opened(by);
                         shared.opened(&dest, Some(Box::new(conn)));
                         Err(Kept.into())
                     }
@@ -269,7 +331,12 @@ where
                     Take::Connect => break,
                 }
             }
-            inner.call(req).await.map_err(Into::into)
+            let connecting = Connecting::new(&shared, &dest);
+            let conn = inner.call(req).await.map_err(Into::into);
+            drop(connecting);
+            let conn = conn?;
+            crate::metrics::get().connection_opened(by);
+            Ok(conn)
         })
     }
 }
@@ -343,6 +410,27 @@ mod tests {
         assert_eq!(made.load(Ordering::SeqCst), 1);
         assert_eq!(s.call("a".into()).await.unwrap(), 1, "the kept one");
         assert_eq!(made.load(Ordering::SeqCst), 1, "no second connect");
+    }
+
+    /// A code that arrives all at once can have its scan at the connector
+    /// before the pre-connect: the scan's own connect is under way, and a
+    /// second connection kept for nobody would only sit open.
+    #[tokio::test]
+    async fn no_opening_while_a_request_connects_itself() {
+        let (s, made, permits) = slot(Duration::from_secs(60));
+        let mut s2 = s.clone();
+        let scan = tokio::spawn(async move { s2.call("a".to_string()).await.unwrap() });
+        tokio::task::yield_now().await;
+        // Permits for two connects: an opening that went ahead would make
+        // one of its own beside the scan's.
+        permits.add_permits(2);
+        let e = open(s.clone(), "a").await.unwrap_err();
+        assert!(is_kept(&*e), "nothing to open: {e}");
+        assert_eq!(scan.await.unwrap(), 1);
+        assert_eq!(made.load(Ordering::SeqCst), 1, "one connection, the scan's");
+        // Once the scan's connect is over, an opening may go ahead again.
+        assert!(is_kept(&*open(s.clone(), "a").await.unwrap_err()));
+        assert_eq!(made.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -332,3 +332,81 @@ async fn sim_tls_serves_https_with_a_ca_it_made() {
         .eq(&false));
     let _ = child.kill().await;
 }
+
+/// IT can see cold scans: `ehc_agent_platform_connections_opened_total`
+/// counts a connection a scan had to open itself (`by="scan"`) apart from
+/// one its first byte opened (`by="preconnect"`). The daemon runs as its
+/// own process (the counters are per process); the simulator closes
+/// connections idle for 2 s (the agent takes them for closed after 1 s), a
+/// proxy in front shows when it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_scans_are_counted_by_what_opened_their_connection() {
+    use crate::daemon::{until_sim, Daemon, HisClient, Options};
+    let sim = sim_with(SimConfig {
+        keepalive_s: 2,
+        ..SimConfig::default()
+    })
+    .await;
+    let proxy = DelayProxy::start("127.0.0.1:0".parse().unwrap(), sim.addr, Duration::ZERO)
+        .await
+        .unwrap();
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    for preconnect in [false, true] {
+        let opts = Options {
+            extra_toml: "[metrics]\nlisten = \"127.0.0.1:0\"\n".into(),
+            platform_addr_line: Some(format!(
+                "base_url = \"http://{}\"\npreconnect = {preconnect}\nkeep_warm_min = 0\nwarm_s = 1",
+                proxy.addr
+            )),
+            ..Options::default()
+        };
+        let mut d = Daemon::start_with(&sim, opts).await;
+        let mut his = HisClient::unix(&d).await;
+        let url = format!("http://{}/metrics", d.metrics);
+        let scrape = || async { http().get(&url).send().await.unwrap().text().await.unwrap() };
+        let reports = |s: &serde_json::Value| s["reports"].as_array().map_or(0, Vec::len);
+        let before_scan = reports(&state(&sim).await);
+        d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+        his.next_of(&["card"]).await;
+        until_sim(&sim, "the report", |s| reports(s) == before_scan + 1).await;
+        until("the server closed the idle connections", || {
+            proxy.open() == 0
+        })
+        .await;
+        let before = scrape().await;
+        let code = sim.with_state(|s| s.static_code(1)).unwrap();
+        let series =
+            |by: &str| format!("ehc_agent_platform_connections_opened_total{{by=\"{by}\"}}");
+        if preconnect {
+            // The first byte ahead of the rest, as from a scanner.
+            let (first, rest) = code.split_at(1);
+            d.scan_bytes(first.as_bytes());
+            for i in 0.. {
+                let now = scrape().await;
+                if value(&now, &series("preconnect")) > value(&before, &series("preconnect")) {
+                    break;
+                }
+                assert!(i < 2000, "no connection opened on the first byte:\n{now}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            d.scan(rest);
+        } else {
+            d.scan(&code);
+        }
+        let m = his.next_of(&["card"]).await;
+        assert_eq!(m["verified"], true, "{m}");
+        let after = scrape().await;
+        let delta = |by: &str| value(&after, &series(by)) - value(&before, &series(by));
+        if preconnect {
+            assert_eq!((delta("preconnect"), delta("scan")), (1.0, 0.0), "{after}");
+        } else {
+            assert_eq!((delta("preconnect"), delta("scan")), (0.0, 1.0), "{after}");
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! another local user, and a reload that cannot apply something keeps
 //! serving and says so. Each was broken before (issue "close the holes").
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -85,15 +87,26 @@ async fn scans_around_reloads_are_not_lost() {
     }
     let mut others = 0;
     let mut cards = 0;
-    while others + cards < 2 * n {
-        match his.next_of(&["otherCode", "card", "scanFailed"]).await["type"]
-            .as_str()
-            .unwrap()
-        {
-            "otherCode" => others += 1,
-            "card" => cards += 1,
-            other => panic!("unexpected {other}"),
+    let all = async {
+        while others + cards < 2 * n {
+            match his.next_of(&["otherCode", "card", "scanFailed"]).await["type"]
+                .as_str()
+                .unwrap()
+            {
+                "otherCode" => others += 1,
+                "card" => cards += 1,
+                other => panic!("unexpected {other}"),
+            }
         }
+    };
+    if tokio::time::timeout(Duration::from_secs(15), all)
+        .await
+        .is_err()
+    {
+        panic!(
+            "{others} other codes and {cards} cards of {n} each; the agent's log:\n{}",
+            d.log()
+        );
     }
     assert_eq!((others, cards), (n, n));
 }

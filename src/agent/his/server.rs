@@ -884,7 +884,15 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
     } else {
         &shared.hello_auth
     };
+    // A client whose peer was checked gets events from its hello on: it
+    // joins the hub before the hello is written, so a scan published just
+    // after the client read its hello cannot pass it by. (Regression: one
+    // did, and as the client had not spoken, the held copy was not its.)
+    let early = (admission == Admission::PeerChecked).then(|| ctx.hub.join(peer.clone()));
     if !write(&mut w, hello).await {
+        if let Some(m) = early {
+            ctx.hub.leave(m.id);
+        }
         return;
     }
     let mut identified = false;
@@ -905,7 +913,10 @@ async fn session<R: ReadLines, W: WriteLines, H: Handler>(
     } else if admission == Admission::TokenGiven {
         identified = true;
     }
-    let mut m = ctx.hub.join(peer.clone());
+    let mut m = match early {
+        Some(m) => m,
+        None => ctx.hub.join(peer.clone()),
+    };
     let mut why = "client closed the connection";
     let mut reading = true;
     // While the client only reads: how often to look whether it has gone.
