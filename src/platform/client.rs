@@ -1081,21 +1081,6 @@ impl Client {
         request_id: &str,
         urgency: Urgency,
     ) -> Result<(Vec<u8>, i64), CallError> {
-        as_urgency(
-            urgency,
-            self.forward_inner(api_name, path, req, request_id, urgency),
-        )
-        .await
-    }
-
-    async fn forward_inner(
-        &self,
-        api_name: &str,
-        path: &str,
-        req: &Map<String, Value>,
-        request_id: &str,
-        urgency: Urgency,
-    ) -> Result<(Vec<u8>, i64), CallError> {
         let timeout = self.timeout(urgency);
         let deadline = tokio::time::Instant::now() + timeout;
         let started = std::time::Instant::now();
@@ -1117,7 +1102,8 @@ impl Client {
                     body.clone()
                 }
             };
-            let mut bytes = self.post(path, &copy, left(deadline, timeout)?).await?;
+            let mut bytes =
+                as_urgency(urgency, self.post(path, &copy, left(deadline, timeout)?)).await?;
             if renewed.get().is_some() {
                 // The terminal gets its own requestId back, as always.
                 bytes = api::with_request_id(&bytes, request_id)?;

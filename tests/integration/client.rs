@@ -373,6 +373,27 @@ async fn a_failed_refresh_answers_everyone_who_waited_for_it() {
     assert_eq!(calls(&sim, "getAppToken", "21006").await, 1);
 }
 
+/// A client to `sim` through a [`dying_relay`] that has carried one scan
+/// (its connection pooled), and the relay's `die` and connection count.
+async fn client_over_relay(
+    sim: &ehc_agent::sim::SimServer,
+    death: Death,
+) -> (
+    Client,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
+    let (addr, die, accepted) = dying_relay(upstream, death).await;
+    let mut st = settings(sim, None);
+    st.base_url = format!("http://{addr}");
+    let c = Client::new(st).unwrap();
+    c.call::<GetHealthCardByQrCode>(&qr_req(sim), CallOptions::scan())
+        .await
+        .unwrap();
+    (c, die, accepted)
+}
+
 /// Regression: a gateway killed while the agent held a pooled connection to
 /// it sent the next scan offline ("connection closed before message
 /// completed") instead of trying again. The relay passes the first call,
@@ -382,14 +403,7 @@ async fn a_failed_refresh_answers_everyone_who_waited_for_it() {
 async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_call() {
     use std::sync::atomic::Ordering;
     let sim = sim().await;
-    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
-    let (addr, die, accepted) = dying_relay(upstream, Death::Before).await;
-    let mut st = settings(&sim, None);
-    st.base_url = format!("http://{addr}");
-    let c = Client::new(st).unwrap();
-    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
-        .await
-        .unwrap();
+    let (c, die, accepted) = client_over_relay(&sim, Death::Before).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
     die.store(true, Ordering::SeqCst);
     let card = c
@@ -409,14 +423,7 @@ async fn a_pooled_connection_that_dies_under_a_request_is_not_the_end_of_the_cal
 async fn a_request_answered_then_lost_is_sent_again_with_the_right_request_id() {
     use std::sync::atomic::Ordering;
     let sim = sim().await;
-    let upstream = sim.base_url().trim_start_matches("http://").to_owned();
-    let (addr, die, _) = dying_relay(upstream.clone(), Death::After).await;
-    let mut st = settings(&sim, None);
-    st.base_url = format!("http://{addr}");
-    let c = Client::new(st).unwrap();
-    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
-        .await
-        .unwrap();
+    let (c, die, _) = client_over_relay(&sim, Death::After).await;
     die.store(true, Ordering::SeqCst);
     let card = c
         .call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
@@ -426,13 +433,7 @@ async fn a_request_answered_then_lost_is_sent_again_with_the_right_request_id() 
     assert_eq!(calls(&sim, "getHealthCardByQRCode", "0").await, 3);
 
     // The outbox's call: its own requestId, kept.
-    let (addr, die, _) = dying_relay(upstream, Death::After).await;
-    let mut st = settings(&sim, None);
-    st.base_url = format!("http://{addr}");
-    let c = Client::new(st).unwrap();
-    c.call::<GetHealthCardByQrCode>(&qr_req(&sim), CallOptions::scan())
-        .await
-        .unwrap();
+    let (c, die, _) = client_over_relay(&sim, Death::After).await;
     die.store(true, Ordering::SeqCst);
     let qr = sim.with_state(|s| s.static_code(0)).unwrap();
     let r: ReportReq = serde_json::from_value(report(&qr)).unwrap();

@@ -350,13 +350,7 @@ async fn cold_scans_are_counted_by_what_opened_their_connection() {
     let proxy = DelayProxy::start("127.0.0.1:0".parse().unwrap(), sim.addr, Duration::ZERO)
         .await
         .unwrap();
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let value = metric_value;
     for preconnect in [false, true] {
         let opts = Options {
             extra_toml: "[metrics]\nlisten = \"127.0.0.1:0\"\n".into(),

@@ -348,3 +348,13 @@ pub async fn dying_relay(
     });
     (addr, die, accepted)
 }
+
+/// The value of the first sample of `series` (its name and labels, as
+/// printed) in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -242,13 +242,7 @@ async fn metrics_endpoint_serves_the_named_series_and_they_move() {
     let mut his = HisClient::unix(&d).await;
     let url = format!("http://{}/metrics", d.metrics);
     let scrape = || async { http().get(&url).send().await.unwrap().text().await.unwrap() };
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let value = metric_value;
     let before = scrape().await;
     for name in [
         "ehc_agent_his_clients 1",
