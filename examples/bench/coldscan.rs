@@ -26,6 +26,64 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{client_settings, ms, percentile};
 
+/// Each scan's `scan done` line (its `ms`, `platform_ms`, `commit_ms`),
+/// by scanId: the agents' own account of where a slow scan's time went.
+static STAGES: std::sync::Mutex<Option<std::collections::HashMap<String, [f64; 3]>>> =
+    std::sync::Mutex::new(None);
+
+/// A tracing layer that keeps only the pipeline's `scan done` lines: every
+/// other callsite is disabled, so the agents log nothing else.
+struct ScanDone;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ScanDone {
+    fn register_callsite(
+        &self,
+        m: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if m.target() == "ehc_agent::agent::pipeline" && *m.level() == tracing::Level::INFO {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct V {
+            done: bool,
+            id: String,
+            f: [f64; 3],
+        }
+        impl tracing::field::Visit for V {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                match f.name() {
+                    "message" => self.done = format!("{v:?}") == "scan done",
+                    "scan_id" => self.id = format!("{v:?}"),
+                    _ => {}
+                }
+            }
+            fn record_f64(&mut self, f: &tracing::field::Field, v: f64) {
+                let i = ["ms", "platform_ms", "commit_ms"]
+                    .iter()
+                    .position(|n| *n == f.name());
+                if let Some(i) = i {
+                    self.f[i] = v;
+                }
+            }
+        }
+        let mut v = V::default();
+        e.record(&mut v);
+        if v.done {
+            let mut g = STAGES.lock().unwrap();
+            g.get_or_insert_with(Default::default).insert(v.id, v.f);
+        }
+    }
+}
+
+fn stages(id: &str) -> Option<[f64; 3]> {
+    STAGES.lock().unwrap().as_ref()?.get(id).copied()
+}
+
 /// Warm calls measured after a pause, and the pause (below the pool's
 /// idle timeout and the simulator's keep-alive: the connection stays open).
 const IDLE_CALLS: usize = 10;
@@ -124,11 +182,15 @@ async fn type_code(
     (first.into_std(), Instant::now())
 }
 
-async fn until_card(lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>) {
+/// Read HIS lines up to the next card; its scanId.
+async fn until_card(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>,
+) -> String {
     loop {
         let l = lines.next_line().await.unwrap().expect("HIS socket open");
         if l.contains("\"type\":\"card\"") {
-            return;
+            let v: serde_json::Value = serde_json::from_str(&l).expect("a card is JSON");
+            return v["scanId"].as_str().unwrap_or_default().to_owned();
         }
         assert!(!l.contains("\"type\":\"scanFailed\""), "a scan failed: {l}");
     }
@@ -197,7 +259,7 @@ async fn lane(
     offset: Duration,
     char_us: u64,
     ready: Arc<tokio::sync::Barrier>,
-) -> (Vec<(Duration, Duration)>, (u64, u64)) {
+) -> (Vec<(Duration, Duration, String)>, (u64, u64)) {
     let (sim, proxy) = platform(&tls, rtt).await;
     let (ca, upstream) = (&tls.ca_cert, format!("https://{}", proxy.addr));
     let tmp = tempfile::tempdir().unwrap();
@@ -240,7 +302,7 @@ async fn lane(
     ));
     // Unmeasured: the token and the first connection.
     let _ = type_code(&mut w, &mint(&sim), char_us).await;
-    until_card(&mut lines).await;
+    let _ = until_card(&mut lines).await;
     // Measuring starts when every agent has started and the start's
     // storm (hundreds of handshakes and first scans) has passed.
     ready.wait().await;
@@ -250,8 +312,8 @@ async fn lane(
         tokio::time::sleep(gap).await;
         let code = mint(&sim);
         let (first, end) = type_code(&mut w, &code, char_us).await;
-        until_card(&mut lines).await;
-        out.push((end.elapsed(), end - first));
+        let id = until_card(&mut lines).await;
+        out.push((end.elapsed(), end - first, id));
     }
     drop(w);
     app.shutdown().await;
@@ -272,6 +334,11 @@ pub async fn run(
     variants: Vec<String>,
 ) {
     let lanes = lanes.max(1);
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let _ =
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(ScanDone));
+    }
     let tls_dir = tempfile::tempdir().unwrap();
     let files =
         Arc::new(ehc_agent::gateway::tls::init(tls_dir.path(), &["127.0.0.1".into()]).unwrap());
@@ -388,33 +455,45 @@ pub async fn run(
             }
         }
     }
-    let mut results: std::collections::BTreeMap<(&str, u64, u64), Vec<Duration>> =
-        Default::default();
+    // (variant, RTT, gap) → (scan-to-HIS, scanId) of every scan.
+    type Cells = std::collections::BTreeMap<(&'static str, u64, u64), Vec<(Duration, String)>>;
+    let mut results: Cells = Default::default();
     let mut typing: Vec<Duration> = Vec::new();
     let (mut full, mut resumed) = (0, 0);
     for j in jobs {
         let (name, rtt, gap, (got, (f, r))) = j.await.unwrap();
-        typing.extend(got.iter().map(|(_, t)| *t));
+        typing.extend(got.iter().map(|(_, t, _)| *t));
         results
             .entry((name, rtt, gap))
             .or_default()
-            .extend(got.into_iter().map(|(d, _)| d));
+            .extend(got.into_iter().map(|(d, _, id)| (d, id)));
         full += f;
         resumed += r;
     }
-    println!("| variant | RTT | warm call p50 / p99 | idle gap | scans | p50 | p99 | p99 − RTT | p99 − warm call p50 |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| variant | RTT | warm call p50 / p99 | idle gap | scans | p50 | p99 | p99 − RTT | p99 − warm call p50 | slowest: platform / commit / rest |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for v in &chosen {
         for (rtt, floor, floor99) in &floors {
             for &gap in &gaps {
-                let mut d = results.remove(&(v.name, *rtt, gap)).unwrap_or_default();
-                d.sort();
-                if d.is_empty() {
+                let mut scans = results.remove(&(v.name, *rtt, gap)).unwrap_or_default();
+                scans.sort();
+                let Some((slowest, id)) = scans.last() else {
                     continue;
-                }
+                };
+                // The slowest scan by the agent's own account: the
+                // platform call (network, connection), the commit (fsync),
+                // and the rest (framing, HIS socket, this harness).
+                let split = match stages(id) {
+                    Some([_, p, c]) => format!(
+                        "{p:.1} / {c:.1} / {:.1} ms",
+                        slowest.as_secs_f64() * 1000.0 - p - c
+                    ),
+                    None => "(no scan done line)".into(),
+                };
+                let d: Vec<Duration> = scans.iter().map(|(d, _)| *d).collect();
                 let p99 = percentile(&d, 0.99);
                 println!(
-                    "| {} | {rtt} ms | {} / {} | {gap} s | {} | {} | {} | {:+.1} ms | {:+.1} ms |",
+                    "| {} | {rtt} ms | {} / {} | {gap} s | {} | {} | {} | {:+.1} ms | {:+.1} ms | {split} |",
                     v.name,
                     ms(*floor),
                     ms(*floor99),

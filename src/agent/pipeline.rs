@@ -16,7 +16,9 @@
 //!   for the person at the window.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use time::UtcOffset;
@@ -44,6 +46,35 @@ const SCAN_MEMORY_S: i64 = 24 * 3600;
 /// times at one visit (registration, payment, pharmacy); past this a client
 /// is inflating the hospital's reports, and is refused.
 pub const MAX_USES_PER_SCAN: u32 = 5;
+
+/// Where one scan's time went, for its `scan done` line: a slow scan in the
+/// journal says whether the platform (the network, a cold connection) or
+/// the disk (the commit's fsync) took the time. Atomics, not cells: the
+/// scan's future holds a reference across awaits and must stay `Send`.
+#[derive(Default)]
+struct Stages {
+    platform_us: AtomicU64,
+    commit_us: AtomicU64,
+}
+
+impl Stages {
+    /// Run `f`, adding its duration to `slot`.
+    async fn timed<T>(slot: &AtomicU64, f: impl std::future::Future<Output = T>) -> T {
+        let t = Instant::now();
+        let out = f.await;
+        slot.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        out
+    }
+
+    fn ms(slot: &AtomicU64) -> f64 {
+        ms(Duration::from_micros(slot.load(Ordering::Relaxed)))
+    }
+}
+
+/// Milliseconds with a tenth of a millisecond, for logs.
+fn ms(d: Duration) -> f64 {
+    (d.as_micros() / 100) as f64 / 10.0
+}
 
 /// What the pipeline needs from the configuration.
 #[derive(Debug, Clone)]
@@ -167,7 +198,8 @@ impl Pipeline {
     /// Handle one scan to the end: the event HIS was sent, or `None` for a
     /// scan that was discarded (empty or over the length limit).
     pub async fn handle_scan(&self, scan: Scan) -> Option<Out> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let stages = Stages::default();
         let metrics = crate::metrics::get();
         let scanned = match code::classify(&scan.text) {
             Ok(s) => s,
@@ -179,6 +211,7 @@ impl Pipeline {
             }
         };
         let scan_id = new_scan_id();
+        let done_id = scan_id.clone();
         let kind = scanned.code.kind().to_owned();
         tracing::info!(scanner = %scan.scanner, scan_id = %scan_id, kind = %kind, code = %pii::qr(&scanned.text), "scan");
         let out = match &scanned.code {
@@ -191,31 +224,49 @@ impl Pipeline {
                 }
             }
             Code::Static { card_id } => {
-                self.resolve_static(&scan, scan_id, &scanned.text, card_id)
+                self.resolve_static(&scan, scan_id, &scanned.text, card_id, &stages)
                     .await
             }
-            Code::Dynamic { .. } => self.resolve_dynamic(&scan, scan_id, &scanned.text).await,
+            Code::Dynamic { .. } => {
+                self.resolve_dynamic(&scan, scan_id, &scanned.text, &stages)
+                    .await
+            }
         };
         self.hub.broadcast(out.to_line().into());
-        metrics.scan(match &out {
+        let result = match &out {
             Out::Card { offline: true, .. } => "offline_card",
             Out::Card { .. } => "card",
             Out::ScanFailed { .. } => "failed",
             _ => "other",
-        });
-        metrics.scan_to_his.observe(started.elapsed().as_secs_f64());
+        };
+        let took = started.elapsed();
+        metrics.scan(result);
+        metrics.scan_to_his.observe(took.as_secs_f64());
+        tracing::info!(
+            scan_id = %done_id,
+            result,
+            ms = ms(took),
+            platform_ms = Stages::ms(&stages.platform_us),
+            commit_ms = Stages::ms(&stages.commit_us),
+            "scan done"
+        );
         Some(out)
     }
 
-    async fn resolve_static(&self, scan: &Scan, scan_id: String, text: &str, card_id: &str) -> Out {
+    async fn resolve_static(
+        &self,
+        scan: &Scan,
+        scan_id: String,
+        text: &str,
+        card_id: &str,
+        stages: &Stages,
+    ) -> Out {
         let req = QrCodeReq {
             qr_code_text: text.to_owned(),
         };
-        match self
-            .client()
-            .call::<GetHealthCardByQrCode>(&req, CallOptions::scan())
-            .await
-        {
+        let client = self.client();
+        let call = client.call::<GetHealthCardByQrCode>(&req, CallOptions::scan());
+        match Stages::timed(&stages.platform_us, call).await {
             Ok(rsp) => {
                 let c = rsp.card;
                 let identity = CardIdentity {
@@ -235,7 +286,8 @@ impl Pipeline {
                     address: c.address,
                     patid: c.patid,
                 };
-                self.card(scan, scan_id, text, false, identity, true).await
+                self.card(scan, scan_id, text, false, identity, true, stages)
+                    .await
             }
             Err(e)
                 if e.is_unavailable()
@@ -247,13 +299,20 @@ impl Pipeline {
                     ..CardIdentity::default()
                 };
                 self.count(|s| s.offline_cards += 1);
-                self.card(scan, scan_id, text, false, identity, false).await
+                self.card(scan, scan_id, text, false, identity, false, stages)
+                    .await
             }
             Err(e) => self.failed(scan, scan_id, "static", &e),
         }
     }
 
-    async fn resolve_dynamic(&self, scan: &Scan, scan_id: String, text: &str) -> Out {
+    async fn resolve_dynamic(
+        &self,
+        scan: &Scan,
+        scan_id: String,
+        text: &str,
+        stages: &Stages,
+    ) -> Out {
         let s = self.settings();
         let req = VerifyQrCodeReq {
             qr_code_text: text.to_owned(),
@@ -267,11 +326,9 @@ impl Pipeline {
             use_scene: Some(s.scene.clone()),
             use_channel: Some(s.channel.clone()),
         };
-        match self
-            .client()
-            .call::<VerifyQrCode>(&req, CallOptions::scan())
-            .await
-        {
+        let client = self.client();
+        let call = client.call::<VerifyQrCode>(&req, CallOptions::scan());
+        match Stages::timed(&stages.platform_us, call).await {
             Ok(v) => {
                 let identity = CardIdentity {
                     health_card_id: v.health_card_id,
@@ -286,13 +343,15 @@ impl Pipeline {
                     address: v.address,
                     patid: String::new(),
                 };
-                self.card(scan, scan_id, text, true, identity, true).await
+                self.card(scan, scan_id, text, true, identity, true, stages)
+                    .await
             }
             Err(e) => self.failed(scan, scan_id, "dynamic", &e),
         }
     }
 
     /// Record the default use, then build the `card` event.
+    #[allow(clippy::too_many_arguments)] // the scan's parts, each used once
     async fn card(
         &self,
         scan: &Scan,
@@ -301,6 +360,7 @@ impl Pipeline {
         dynamic: bool,
         card: CardIdentity,
         verified: bool,
+        stages: &Stages,
     ) -> Out {
         let mut card = card;
         let cut = card.cap_fields();
@@ -320,7 +380,7 @@ impl Pipeline {
                 scan.at,
                 wait_until,
             );
-            self.outbox.record(vec![row]).await
+            Stages::timed(&stages.commit_us, self.outbox.record(vec![row])).await
         };
         if !recorded {
             self.count(|s| s.unrecorded += 1);

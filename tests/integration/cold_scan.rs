@@ -404,3 +404,53 @@ async fn cold_scans_are_counted_by_what_opened_their_connection() {
         }
     }
 }
+
+/// The value of `key=` in a log line (tracing's `key=value` format).
+fn field(line: &str, key: &str) -> f64 {
+    let at = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"));
+    let v = &line[at + key.len() + 2..];
+    let v = v.split_whitespace().next().unwrap_or_default();
+    v.parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
+}
+
+/// A slow scan in the journal says where its time went: the platform
+/// (here a proxy adding 60 ms: the call cannot take less) or the commit.
+#[tokio::test]
+async fn a_scan_done_line_says_where_the_time_went() {
+    use crate::daemon::{Daemon, HisClient, Options};
+    let sim = sim_with(SimConfig::default()).await;
+    let proxy = DelayProxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        sim.addr,
+        Duration::from_millis(60),
+    )
+    .await
+    .unwrap();
+    let opts = Options {
+        platform_addr_line: Some(format!("base_url = \"http://{}\"", proxy.addr)),
+        ..Options::default()
+    };
+    let mut d = Daemon::start_with(&sim, opts).await;
+    let mut his = HisClient::unix(&d).await;
+    d.scan(&sim.with_state(|s| s.static_code(0)).unwrap());
+    let card = his.next_of(&["card"]).await;
+    d.wait_log("scan done", 1);
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("scan done")).unwrap();
+    assert!(
+        line.contains(card["scanId"].as_str().unwrap()),
+        "{line} / {card}"
+    );
+    assert!(line.contains("result=\"card\""), "{line}");
+    let (total, platform, commit) = (
+        field(line, "ms"),
+        field(line, "platform_ms"),
+        field(line, "commit_ms"),
+    );
+    assert!(platform >= 60.0, "the call crossed the proxy: {line}");
+    assert!(commit > 0.0, "the use was committed: {line}");
+    assert!(total >= platform + commit, "{line}");
+}
