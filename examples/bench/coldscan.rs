@@ -28,8 +28,8 @@ use super::{client_settings, ms, percentile};
 
 /// Each scan's `scan done` line (its `ms`, `platform_ms`, `commit_ms`),
 /// by scanId: the agents' own account of where a slow scan's time went.
-static STAGES: std::sync::Mutex<Option<std::collections::HashMap<String, [f64; 3]>>> =
-    std::sync::Mutex::new(None);
+static STAGES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, [f64; 3]>>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// A tracing layer that keeps only the pipeline's `scan done` lines: every
 /// other callsite is disabled, so the agents log nothing else.
@@ -74,14 +74,13 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ScanDone {
         let mut v = V::default();
         e.record(&mut v);
         if v.done {
-            let mut g = STAGES.lock().unwrap();
-            g.get_or_insert_with(Default::default).insert(v.id, v.f);
+            STAGES.lock().unwrap().insert(v.id, v.f);
         }
     }
 }
 
 fn stages(id: &str) -> Option<[f64; 3]> {
-    STAGES.lock().unwrap().as_ref()?.get(id).copied()
+    STAGES.lock().unwrap().get(id).copied()
 }
 
 /// Warm calls measured after a pause, and the pause (below the pool's

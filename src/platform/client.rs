@@ -1281,8 +1281,6 @@ fn redacted_location(loc: &str) -> String {
     }
 }
 
-/// reqwest's top-level message ("error sending request") hides the cause;
-/// the operator needs the chain ("connection refused").
 /// Run `f` as a scan's when `urgency` says so: a connection it has to open
 /// is counted as a cold scan's ([`super::preconnect::for_scan`]).
 async fn as_urgency<F: std::future::Future>(urgency: Urgency, f: F) -> F::Output {
@@ -1320,6 +1318,8 @@ fn dropped_unanswered(e: &reqwest::Error) -> bool {
     false
 }
 
+/// reqwest's top-level message ("error sending request") hides the cause;
+/// the operator needs the chain ("connection refused").
 fn transport_error(e: &reqwest::Error) -> CallError {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);

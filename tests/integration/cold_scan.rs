@@ -350,7 +350,6 @@ async fn cold_scans_are_counted_by_what_opened_their_connection() {
     let proxy = DelayProxy::start("127.0.0.1:0".parse().unwrap(), sim.addr, Duration::ZERO)
         .await
         .unwrap();
-    let value = metric_value;
     for preconnect in [false, true] {
         let opts = Options {
             extra_toml: "[metrics]\nlisten = \"127.0.0.1:0\"\n".into(),
@@ -383,7 +382,9 @@ async fn cold_scans_are_counted_by_what_opened_their_connection() {
             d.scan_bytes(first.as_bytes());
             for i in 0.. {
                 let now = scrape().await;
-                if value(&now, &series("preconnect")) > value(&before, &series("preconnect")) {
+                if metric_value(&now, &series("preconnect"))
+                    > metric_value(&before, &series("preconnect"))
+                {
                     break;
                 }
                 assert!(i < 2000, "no connection opened on the first byte:\n{now}");
@@ -396,7 +397,8 @@ async fn cold_scans_are_counted_by_what_opened_their_connection() {
         let m = his.next_of(&["card"]).await;
         assert_eq!(m["verified"], true, "{m}");
         let after = scrape().await;
-        let delta = |by: &str| value(&after, &series(by)) - value(&before, &series(by));
+        let delta =
+            |by: &str| metric_value(&after, &series(by)) - metric_value(&before, &series(by));
         if preconnect {
             assert_eq!((delta("preconnect"), delta("scan")), (1.0, 0.0), "{after}");
         } else {
